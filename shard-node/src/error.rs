@@ -1,0 +1,175 @@
+//! `NodeError`: everything a node can answer besides success, and its HTTP status.
+//!
+//! Client errors (4xx) say what was wrong with the request; internal faults (5xx) are logged
+//! once, here, where they become a response. Every body is `{"error": "..."}`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use rusqlite::ErrorCode;
+use serde_json::json;
+
+pub use crate::guard::Denial;
+use crate::key::KeyError;
+use crate::value::ValueError;
+
+/// Everything that can go wrong in a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The body is not the JSON the endpoint expects (or is too large).
+    #[error("{}", .0.body_text())]
+    InvalidJson(JsonRejection),
+    /// A path parameter could not be read.
+    #[error("{}", .0.body_text())]
+    InvalidPath(PathRejection),
+    /// The request is well-formed JSON of the wrong shape.
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("invalid key: {0}")]
+    InvalidKey(#[from] KeyError),
+    #[error("invalid value: {0}")]
+    InvalidValue(#[from] ValueError),
+    #[error("no such endpoint: {method} {path}")]
+    UnknownEndpoint { method: String, path: String },
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("unknown table {0:?}")]
+    UnknownTable(String),
+    #[error("unknown column {column:?} in table {table:?}")]
+    UnknownColumn { table: String, column: String },
+    #[error("row {key:?} not found in table {table:?}")]
+    RowNotFound { table: String, key: String },
+    #[error("the key column {column:?} holds {body:?} but the path names key {path:?}")]
+    KeyMismatch {
+        column: String,
+        path: String,
+        body: String,
+    },
+    #[error("row {index} has no key column {column:?}")]
+    MissingKey { index: usize, column: String },
+    /// The authorizer refused a statement.
+    #[error("{0}")]
+    NotAllowed(Denial),
+    #[error("one statement per sql string: send a \"statements\" list to run several")]
+    MultipleStatements,
+    #[error("result too large: {0}")]
+    ResultTooLarge(String),
+    #[error("statement timed out after {0:?}")]
+    StatementTimeout(Duration),
+    #[error("{0}")]
+    MigrationConflict(String),
+    #[error("{0}")]
+    InvalidMigration(String),
+    #[error("migration {version} ({name}) failed: {message}")]
+    MigrationFailed {
+        version: i64,
+        name: String,
+        message: String,
+    },
+    /// Client SQL failed in SQLite: mostly the client's fault (syntax, constraint).
+    #[error("{0}")]
+    Sql(rusqlite::Error),
+    /// The node's own SQL failed. Constraint violations and oversized values still come from
+    /// the client's data; anything else is the node's fault.
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database {path} stayed in journal mode {mode:?}; shardlite needs WAL")]
+    NotWal { path: PathBuf, mode: String },
+    #[error("no database connection: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("a database task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl NodeError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            NodeError::InvalidJson(rejection) => match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            },
+            NodeError::InvalidPath(_)
+            | NodeError::InvalidRequest(_)
+            | NodeError::InvalidKey(_)
+            | NodeError::InvalidValue(_)
+            | NodeError::UnknownColumn { .. }
+            | NodeError::KeyMismatch { .. }
+            | NodeError::MissingKey { .. }
+            | NodeError::NotAllowed(_)
+            | NodeError::MultipleStatements
+            | NodeError::ResultTooLarge(_)
+            | NodeError::InvalidMigration(_)
+            | NodeError::MigrationFailed { .. } => StatusCode::BAD_REQUEST,
+            NodeError::UnknownEndpoint { .. }
+            | NodeError::UnknownTable(_)
+            | NodeError::RowNotFound { .. } => StatusCode::NOT_FOUND,
+            NodeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            NodeError::MigrationConflict(_) => StatusCode::CONFLICT,
+            NodeError::StatementTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            NodeError::Sql(e) => sqlite_status(e, true),
+            NodeError::Sqlite(e) => sqlite_status(e, false),
+            NodeError::Open { .. }
+            | NodeError::NotWal { .. }
+            | NodeError::Pool(_)
+            | NodeError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// The status for a SQLite error; `client_sql` when the statement's text came from the client.
+fn sqlite_status(e: &rusqlite::Error, client_sql: bool) -> StatusCode {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation) => StatusCode::CONFLICT,
+        Some(
+            ErrorCode::TooBig
+            | ErrorCode::TypeMismatch
+            | ErrorCode::ParameterOutOfRange
+            | ErrorCode::AuthorizationForStatementDenied
+            | ErrorCode::ReadOnly,
+        ) => StatusCode::BAD_REQUEST,
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        Some(ErrorCode::OperationInterrupted) => StatusCode::GATEWAY_TIMEOUT,
+        // SQLITE_ERROR: syntax, no such table or column, too many terms...
+        Some(ErrorCode::Unknown) if client_sql => StatusCode::BAD_REQUEST,
+        // rusqlite's own checks (parameter count, conversions) on client SQL.
+        None if client_sql => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for NodeError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = self.to_string();
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), error = %message, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %message, "request refused");
+        }
+        (status, Json(json!({ "error": message }))).into_response()
+    }
+}
+
+impl From<JsonRejection> for NodeError {
+    fn from(rejection: JsonRejection) -> Self {
+        NodeError::InvalidJson(rejection)
+    }
+}
+
+impl From<PathRejection> for NodeError {
+    fn from(rejection: PathRejection) -> Self {
+        NodeError::InvalidPath(rejection)
+    }
+}

@@ -1,0 +1,267 @@
+//! The HTTP face of a node: handlers, the router and `serve`.
+//!
+//! Handlers only read the request, find the table in the cached schema, and hand the work to
+//! a blocking thread through `NodeState::write` or `NodeState::read`. Every error, including a
+//! body axum cannot parse, comes back as `{"error": "..."}`.
+
+use std::future::Future;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, Uri};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+use crate::error::NodeError;
+use crate::key::ShardKey;
+use crate::migrate::{self, MigrateRequest, MigrateResponse, MigrationsResponse};
+use crate::rows::{
+    self, DEFAULT_KEYS_LIMIT, DeleteRowResponse, KeysRequest, KeysResponse, MAX_KEYS_LIMIT,
+    PutRowResponse, UpsertRowsRequest, UpsertRowsResponse,
+};
+use crate::schema::SchemaResponse;
+use crate::sql::{self, Limits, SqlRequest, SqlResponse};
+use crate::state::NodeState;
+use crate::stats::{self, StatsResponse};
+
+/// Every endpoint of `docs/node-api.md`, with request tracing and the body size limit.
+pub fn router(state: NodeState) -> Router {
+    let max_body = state.config().max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/schema", get(schema))
+        .route(
+            "/v1/tables/{table}/rows/{key}",
+            put(put_row).get(get_row).delete(delete_row),
+        )
+        .route("/v1/tables/{table}/rows", post(upsert_rows))
+        .route("/v1/sql", post(run_sql))
+        .route("/v1/stats", get(stats))
+        .route("/v1/keys", post(keys))
+        .route(
+            "/v1/migrations",
+            get(list_migrations).post(apply_migrations),
+        )
+        .fallback(unknown_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
+        // The JSON extractor enforces it, so an oversized body is a 413 with a JSON body.
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves `state` on an already-bound listener until `shutdown` completes, then lets
+/// requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: NodeState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "node listening");
+    }
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// `axum::Json`, with its rejection turned into a `NodeError` so bad JSON gets our error body.
+struct JsonBody<T>(T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = NodeError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, NodeError> {
+        let Json(value) = Json::<T>::from_request(req, state).await?;
+        Ok(JsonBody(value))
+    }
+}
+
+/// `axum::extract::Path`, with its rejection turned into a `NodeError`.
+struct PathParams<T>(T);
+
+impl<S, T> FromRequestParts<S> for PathParams<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = NodeError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, NodeError> {
+        let Path(value) = Path::<T>::from_request_parts(parts, state).await?;
+        Ok(PathParams(value))
+    }
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn schema(State(state): State<NodeState>) -> Json<SchemaResponse> {
+    Json(SchemaResponse {
+        tables: state.schema().tables().cloned().collect(),
+    })
+}
+
+async fn put_row(
+    State(state): State<NodeState>,
+    PathParams((table, key)): PathParams<(String, String)>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<PutRowResponse>, NodeError> {
+    let table = state.table(&table)?;
+    let key = ShardKey::from_text(&key, table.key_affinity)?;
+    let row = rows::validate(&table, &body, Some(&key), 0)?;
+    let table = state
+        .write(move |_, conn| rows::upsert(conn, &table, &row).map(|()| table))
+        .await?;
+    Ok(Json(PutRowResponse {
+        table: table.name,
+        key: key.to_json(),
+    }))
+}
+
+async fn get_row(
+    State(state): State<NodeState>,
+    PathParams((table, key)): PathParams<(String, String)>,
+) -> Result<Json<Map<String, Value>>, NodeError> {
+    let table = state.table(&table)?;
+    let key = ShardKey::from_text(&key, table.key_affinity)?;
+    // A reader is enough: in WAL, a read begun after a commit returned sees that commit.
+    let row = state
+        .read(move |_, conn| rows::get(conn, &table, &key))
+        .await?;
+    Ok(Json(row))
+}
+
+async fn delete_row(
+    State(state): State<NodeState>,
+    PathParams((table, key)): PathParams<(String, String)>,
+) -> Result<Json<DeleteRowResponse>, NodeError> {
+    let table = state.table(&table)?;
+    let key = ShardKey::from_text(&key, table.key_affinity)?;
+    let deleted = state
+        .write(move |_, conn| rows::delete(conn, &table, &key))
+        .await?;
+    Ok(Json(DeleteRowResponse { deleted }))
+}
+
+async fn upsert_rows(
+    State(state): State<NodeState>,
+    PathParams(table): PathParams<String>,
+    JsonBody(request): JsonBody<UpsertRowsRequest>,
+) -> Result<Json<UpsertRowsResponse>, NodeError> {
+    let table = state.table(&table)?;
+    // Every row is checked before anything is written.
+    let valid = request
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(index, row)| rows::validate(&table, row, None, index))
+        .collect::<Result<Vec<_>, _>>()?;
+    let upserted = state
+        .write(move |_, conn| rows::upsert_all(conn, &table, &valid))
+        .await?;
+    Ok(Json(UpsertRowsResponse { upserted }))
+}
+
+async fn run_sql(
+    State(state): State<NodeState>,
+    JsonBody(request): JsonBody<SqlRequest>,
+) -> Result<Json<SqlResponse>, NodeError> {
+    let readonly = request.readonly;
+    let statements = request.into_statements()?;
+    let config = state.config();
+    let limits = Limits {
+        timeout: config.statement_timeout,
+        max_rows: config.max_result_rows,
+        max_bytes: config.max_result_bytes,
+    };
+    let work = move |_: &NodeState, conn: &rusqlite::Connection| {
+        sql::run(conn, &statements, readonly, limits)
+    };
+    let results = if readonly {
+        state.read(work).await?
+    } else {
+        state.write(work).await?
+    };
+    Ok(Json(SqlResponse { results }))
+}
+
+async fn stats(State(state): State<NodeState>) -> Result<Json<StatsResponse>, NodeError> {
+    let stats = state
+        .read(|state, conn| Ok(stats::collect(conn, &state.schema())?))
+        .await?;
+    Ok(Json(stats))
+}
+
+async fn keys(
+    State(state): State<NodeState>,
+    JsonBody(request): JsonBody<KeysRequest>,
+) -> Result<Json<KeysResponse>, NodeError> {
+    let table = state.table(&request.table)?;
+    let after = match request.after {
+        None | Some(Value::Null) => None,
+        Some(ref value) => Some(ShardKey::from_json(value, table.key_affinity)?),
+    };
+    let limit = match request.limit {
+        None => DEFAULT_KEYS_LIMIT,
+        Some(0) => {
+            return Err(NodeError::InvalidRequest(
+                "\"limit\" must be at least 1".into(),
+            ));
+        }
+        Some(n) => n.min(MAX_KEYS_LIMIT),
+    };
+    let page = state
+        .read(move |_, conn| rows::keys(conn, &table, after.as_ref(), limit))
+        .await?;
+    Ok(Json(page))
+}
+
+async fn list_migrations(
+    State(state): State<NodeState>,
+) -> Result<Json<MigrationsResponse>, NodeError> {
+    let applied = state.read(|_, conn| Ok(migrate::applied(conn)?)).await?;
+    Ok(Json(MigrationsResponse { applied }))
+}
+
+async fn apply_migrations(
+    State(state): State<NodeState>,
+    JsonBody(request): JsonBody<MigrateRequest>,
+) -> Result<Json<MigrateResponse>, NodeError> {
+    migrate::validate(&request.migrations)?;
+    let response = state
+        .write(move |state, conn| {
+            let outcome = migrate::apply(conn, &request.migrations);
+            // Even a failed request may have applied the migrations before the failing one.
+            state.refresh_schema(conn)?;
+            outcome
+        })
+        .await?;
+    Ok(Json(response))
+}
+
+async fn unknown_endpoint(method: Method, uri: Uri) -> NodeError {
+    NodeError::UnknownEndpoint {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> NodeError {
+    NodeError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

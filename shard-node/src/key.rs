@@ -1,0 +1,273 @@
+//! Shard keys: how a key is read, and the text the ring hashes.
+//!
+//! The proxy and the node both use [`ShardKey`], so a key routes to the node that stores it.
+//! The key column's [`Affinity`] decides how a key is read: for `integer` affinity a key is a
+//! 64-bit integer, written in canonical decimal when it comes as text (`42`, `-7`, never `042`,
+//! `+1`, `4.0` or ` 1`), so one row has exactly one spelling and so one owner. For every other
+//! affinity a key is text, and a JSON integer is taken as its decimal text.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Longest key accepted, in bytes of its text form.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// A column's type affinity, by SQLite's rules (<https://www.sqlite.org/datatype3.html>).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Affinity {
+    Integer,
+    Text,
+    Real,
+    Numeric,
+    Blob,
+}
+
+/// The affinity SQLite gives a column declared with `declared_type`.
+pub fn affinity_of(declared_type: &str) -> Affinity {
+    let t = declared_type.to_ascii_uppercase();
+    if t.contains("INT") {
+        Affinity::Integer
+    } else if t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
+        Affinity::Text
+    } else if t.contains("BLOB") || t.trim().is_empty() {
+        Affinity::Blob
+    } else if t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB") {
+        Affinity::Real
+    } else {
+        Affinity::Numeric
+    }
+}
+
+/// A key that was read by its column's affinity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ShardKey {
+    Integer(i64),
+    Text(String),
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("a key must not be empty")]
+    Empty,
+    #[error("a key is at most {MAX_KEY_BYTES} bytes, this one has {0}")]
+    TooLong(usize),
+    #[error(
+        "{0:?} is not an integer key: write it in canonical decimal form (like 42 or -7) within the 64-bit range"
+    )]
+    NotInteger(String),
+    #[error("a key must be a JSON string or integer, not {0}")]
+    WrongType(&'static str),
+}
+
+impl ShardKey {
+    /// Reads a key given as JSON (a batch row's key column, a key scan's `after`).
+    pub fn from_json(v: &serde_json::Value, affinity: Affinity) -> Result<ShardKey, KeyError> {
+        use serde_json::Value;
+        match v {
+            Value::String(s) => ShardKey::from_text(s, affinity),
+            Value::Number(n) => match (n.as_i64(), affinity) {
+                (Some(i), Affinity::Integer) => Ok(ShardKey::Integer(i)),
+                (Some(i), _) => Ok(ShardKey::Text(i.to_string())),
+                // u64 beyond i64: still a JSON integer, so text for text-like affinities.
+                (None, Affinity::Integer) => Err(KeyError::NotInteger(n.to_string())),
+                (None, _) if n.is_u64() => Ok(ShardKey::Text(n.to_string())),
+                (None, _) => Err(KeyError::WrongType("a fractional number")),
+            },
+            Value::Null => Err(KeyError::WrongType("null")),
+            Value::Bool(_) => Err(KeyError::WrongType("a boolean")),
+            Value::Array(_) => Err(KeyError::WrongType("an array")),
+            Value::Object(_) => Err(KeyError::WrongType("an object")),
+        }
+    }
+
+    /// Reads a key given as text (a decoded URL path segment).
+    pub fn from_text(s: &str, affinity: Affinity) -> Result<ShardKey, KeyError> {
+        if s.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if s.len() > MAX_KEY_BYTES {
+            return Err(KeyError::TooLong(s.len()));
+        }
+        match affinity {
+            Affinity::Integer => match s.parse::<i64>() {
+                // Parsing accepts "+1" and "007"; printing back tells the canonical form apart.
+                Ok(i) if i.to_string() == s => Ok(ShardKey::Integer(i)),
+                _ => Err(KeyError::NotInteger(s.to_owned())),
+            },
+            Affinity::Text | Affinity::Real | Affinity::Numeric | Affinity::Blob => {
+                Ok(ShardKey::Text(s.to_owned()))
+            }
+        }
+    }
+
+    /// The text the ring hashes: the canonical text form (integer 42 → `"42"`).
+    pub fn routing_text(&self) -> Cow<'_, str> {
+        match self {
+            ShardKey::Integer(i) => Cow::Owned(i.to_string()),
+            ShardKey::Text(s) => Cow::Borrowed(s),
+        }
+    }
+
+    /// The value bound for the key column.
+    pub fn to_sql(&self) -> rusqlite::types::Value {
+        match self {
+            ShardKey::Integer(i) => rusqlite::types::Value::Integer(*i),
+            ShardKey::Text(s) => rusqlite::types::Value::Text(s.clone()),
+        }
+    }
+
+    /// The key as JSON: a number for integer keys, a string otherwise.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ShardKey::Integer(i) => serde_json::Value::from(*i),
+            ShardKey::Text(s) => serde_json::Value::from(s.as_str()),
+        }
+    }
+}
+
+impl fmt::Display for ShardKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.routing_text())
+    }
+}
+
+impl Serialize for ShardKey {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ShardKey::Integer(i) => serializer.serialize_i64(*i),
+            ShardKey::Text(s) => serializer.serialize_str(s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn affinity_follows_sqlite_rules() {
+        assert_eq!(affinity_of("INTEGER"), Affinity::Integer);
+        assert_eq!(affinity_of("bigint"), Affinity::Integer);
+        // "INT" wins over "CHAR": SQLite checks it first.
+        assert_eq!(affinity_of("CHARINT"), Affinity::Integer);
+        assert_eq!(affinity_of("VARCHAR(20)"), Affinity::Text);
+        assert_eq!(affinity_of("clob"), Affinity::Text);
+        assert_eq!(affinity_of("TEXT"), Affinity::Text);
+        assert_eq!(affinity_of("BLOB"), Affinity::Blob);
+        assert_eq!(affinity_of(""), Affinity::Blob);
+        assert_eq!(affinity_of("REAL"), Affinity::Real);
+        assert_eq!(affinity_of("FLOAT"), Affinity::Real);
+        assert_eq!(affinity_of("DOUBLE PRECISION"), Affinity::Real);
+        assert_eq!(affinity_of("DECIMAL(10,5)"), Affinity::Numeric);
+        assert_eq!(affinity_of("BOOLEAN"), Affinity::Numeric);
+    }
+
+    #[test]
+    fn integer_keys_must_be_canonical_decimal() {
+        let int = Affinity::Integer;
+        assert_eq!(ShardKey::from_text("42", int), Ok(ShardKey::Integer(42)));
+        assert_eq!(ShardKey::from_text("-7", int), Ok(ShardKey::Integer(-7)));
+        assert_eq!(ShardKey::from_text("0", int), Ok(ShardKey::Integer(0)));
+        assert_eq!(
+            ShardKey::from_text("9223372036854775807", int),
+            Ok(ShardKey::Integer(i64::MAX))
+        );
+        for bad in [
+            "042",
+            "+1",
+            "4.0",
+            " 1",
+            "1 ",
+            "-0",
+            "1e3",
+            "abc",
+            "9223372036854775808",
+        ] {
+            assert!(
+                matches!(ShardKey::from_text(bad, int), Err(KeyError::NotInteger(_))),
+                "{bad:?} should be refused"
+            );
+        }
+        assert_eq!(ShardKey::from_text("", int), Err(KeyError::Empty));
+    }
+
+    #[test]
+    fn json_keys_follow_affinity() {
+        let int = Affinity::Integer;
+        let text = Affinity::Text;
+        assert_eq!(
+            ShardKey::from_json(&json!(42), int),
+            Ok(ShardKey::Integer(42))
+        );
+        assert_eq!(
+            ShardKey::from_json(&json!("42"), int),
+            Ok(ShardKey::Integer(42))
+        );
+        assert!(ShardKey::from_json(&json!(4.0), int).is_err());
+        assert!(ShardKey::from_json(&json!(u64::MAX), int).is_err());
+        assert!(ShardKey::from_json(&json!("042"), int).is_err());
+        assert_eq!(
+            ShardKey::from_json(&json!(42), text),
+            Ok(ShardKey::Text("42".into()))
+        );
+        assert_eq!(
+            ShardKey::from_json(&json!("a b"), text),
+            Ok(ShardKey::Text("a b".into()))
+        );
+        for bad in [
+            json!(null),
+            json!(true),
+            json!([1]),
+            json!({"a": 1}),
+            json!(1.5),
+        ] {
+            assert!(matches!(
+                ShardKey::from_json(&bad, text),
+                Err(KeyError::WrongType(_))
+            ));
+        }
+        assert_eq!(ShardKey::from_json(&json!(""), text), Err(KeyError::Empty));
+    }
+
+    #[test]
+    fn long_keys_are_refused() {
+        let long = "x".repeat(MAX_KEY_BYTES + 1);
+        assert_eq!(
+            ShardKey::from_text(&long, Affinity::Text),
+            Err(KeyError::TooLong(MAX_KEY_BYTES + 1))
+        );
+        let longest = "x".repeat(MAX_KEY_BYTES);
+        assert!(ShardKey::from_text(&longest, Affinity::Text).is_ok());
+    }
+
+    #[test]
+    fn routing_text_is_the_canonical_text() {
+        assert_eq!(ShardKey::Integer(42).routing_text(), "42");
+        assert_eq!(ShardKey::Integer(-7).routing_text(), "-7");
+        assert_eq!(
+            ShardKey::Text("héllo/ wörld".into()).routing_text(),
+            "héllo/ wörld"
+        );
+        // An integer key routes the same whether it came as JSON or as path text.
+        let from_json = ShardKey::from_json(&json!(42), Affinity::Integer).unwrap();
+        let from_text = ShardKey::from_text("42", Affinity::Integer).unwrap();
+        assert_eq!(from_json.routing_text(), from_text.routing_text());
+    }
+
+    #[test]
+    fn keys_serialize_by_kind() {
+        assert_eq!(
+            serde_json::to_value(ShardKey::Integer(3)).unwrap(),
+            json!(3)
+        );
+        assert_eq!(
+            serde_json::to_value(ShardKey::Text("3".into())).unwrap(),
+            json!("3")
+        );
+    }
+}

@@ -1,0 +1,313 @@
+//! Keyed row operations and the key scan.
+//!
+//! Every statement here is generated from the live schema: table and column names are the
+//! schema's own, quoted; values are bound. The SQL text depends only on the table and the set
+//! of columns written, so `prepare_cached` reuses it.
+
+use rusqlite::Connection;
+use rusqlite::types::Value as SqlValue;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::db::rollback;
+use crate::error::NodeError;
+use crate::key::ShardKey;
+use crate::schema::{TableSchema, quote};
+use crate::value::{json_to_sql, sql_to_json};
+
+/// `PUT /v1/tables/{table}/rows/{key}` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PutRowResponse {
+    pub table: String,
+    pub key: Value,
+}
+
+/// `DELETE /v1/tables/{table}/rows/{key}` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DeleteRowResponse {
+    pub deleted: u64,
+}
+
+/// `POST /v1/tables/{table}/rows` body.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct UpsertRowsRequest {
+    pub rows: Vec<Value>,
+}
+
+/// `POST /v1/tables/{table}/rows` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct UpsertRowsResponse {
+    pub upserted: usize,
+}
+
+/// `POST /v1/keys` body.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct KeysRequest {
+    pub table: String,
+    #[serde(default)]
+    pub after: Option<Value>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// `POST /v1/keys` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct KeysResponse {
+    pub keys: Vec<Value>,
+    /// The last key returned when more may follow; null when the scan is done.
+    pub next: Option<Value>,
+}
+
+/// Keys per scan page when the request names no limit.
+pub const DEFAULT_KEYS_LIMIT: usize = 1000;
+/// Most keys per scan page; larger limits are lowered to this.
+pub const MAX_KEYS_LIMIT: usize = 10_000;
+
+/// A row checked against the schema, ready to write.
+#[derive(Debug)]
+pub(crate) struct ValidRow {
+    key: ShardKey,
+    /// (column index in the table, value), in table order, key column excluded.
+    values: Vec<(usize, SqlValue)>,
+}
+
+/// Checks one row object: known columns, storable values, and a key that agrees with
+/// `path_key` (PUT) or is present (batch row `index`).
+pub(crate) fn validate(
+    table: &TableSchema,
+    row: &Value,
+    path_key: Option<&ShardKey>,
+    index: usize,
+) -> Result<ValidRow, NodeError> {
+    let Value::Object(fields) = row else {
+        return Err(NodeError::InvalidRequest(match path_key {
+            Some(_) => "the body must be a JSON object of column values".to_owned(),
+            None => format!("row {index} must be a JSON object of column values"),
+        }));
+    };
+    let mut body_key = None;
+    let mut values = Vec::with_capacity(fields.len());
+    for (name, value) in fields {
+        let Some(position) = table.columns.iter().position(|c| c == name) else {
+            return Err(NodeError::UnknownColumn {
+                table: table.name.clone(),
+                column: name.clone(),
+            });
+        };
+        if *name == table.key {
+            let key = ShardKey::from_json(value, table.key_affinity)?;
+            if let Some(path_key) = path_key.filter(|p| **p != key) {
+                return Err(NodeError::KeyMismatch {
+                    column: table.key.clone(),
+                    path: path_key.to_string(),
+                    body: key.to_string(),
+                });
+            }
+            body_key = Some(key);
+        } else {
+            values.push((position, json_to_sql(value)?));
+        }
+    }
+    let key = match (path_key, body_key) {
+        (Some(key), _) => key.clone(),
+        (None, Some(key)) => key,
+        (None, None) => {
+            return Err(NodeError::MissingKey {
+                index,
+                column: table.key.clone(),
+            });
+        }
+    };
+    values.sort_by_key(|(position, _)| *position);
+    Ok(ValidRow { key, values })
+}
+
+/// `INSERT ... ON CONFLICT (key) DO UPDATE SET` the named columns only.
+fn upsert_sql(table: &TableSchema, columns: &[usize]) -> String {
+    let key = quote(&table.key);
+    let names: Vec<String> = columns.iter().map(|&i| quote(&table.columns[i])).collect();
+    let mut all = vec![key.clone()];
+    all.extend(names.iter().cloned());
+    let placeholders: Vec<String> = (1..=all.len()).map(|i| format!("?{i}")).collect();
+    let action = if names.is_empty() {
+        "DO NOTHING".to_owned()
+    } else {
+        let sets: Vec<String> = names
+            .iter()
+            .map(|n| format!("{n} = excluded.{n}"))
+            .collect();
+        format!("DO UPDATE SET {}", sets.join(", "))
+    };
+    format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({key}) {action}",
+        quote(&table.name),
+        all.join(", "),
+        placeholders.join(", ")
+    )
+}
+
+/// Writes one validated row.
+pub(crate) fn upsert(
+    conn: &Connection,
+    table: &TableSchema,
+    row: &ValidRow,
+) -> Result<(), NodeError> {
+    let columns: Vec<usize> = row.values.iter().map(|(i, _)| *i).collect();
+    let mut stmt = conn.prepare_cached(&upsert_sql(table, &columns))?;
+    let params = std::iter::once(row.key.to_sql()).chain(row.values.iter().map(|(_, v)| v.clone()));
+    stmt.execute(rusqlite::params_from_iter(params))?;
+    Ok(())
+}
+
+/// Writes validated rows in one transaction: all or nothing.
+pub(crate) fn upsert_all(
+    conn: &Connection,
+    table: &TableSchema,
+    rows: &[ValidRow],
+) -> Result<usize, NodeError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    for row in rows {
+        if let Err(e) = upsert(conn, table, row) {
+            rollback(conn);
+            return Err(e);
+        }
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        rollback(conn);
+        return Err(e.into());
+    }
+    Ok(rows.len())
+}
+
+/// The row with `key`, every column included.
+pub(crate) fn get(
+    conn: &Connection,
+    table: &TableSchema,
+    key: &ShardKey,
+) -> Result<Map<String, Value>, NodeError> {
+    let sql = format!(
+        "SELECT * FROM {} WHERE {} = ?1",
+        quote(&table.name),
+        quote(&table.key)
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query([key.to_sql()])?;
+    let Some(row) = rows.next()? else {
+        return Err(not_found(table, key));
+    };
+    // Names come from the statement as stepped: a cached `SELECT *` is re-prepared by the
+    // step after a migration added a column, and only then names it.
+    let mut object = Map::new();
+    for (i, name) in row.as_ref().column_names().into_iter().enumerate() {
+        object.insert(name.to_owned(), sql_to_json(row.get_ref(i)?));
+    }
+    Ok(object)
+}
+
+/// Deletes the row with `key`; 404 if there is none.
+pub(crate) fn delete(
+    conn: &Connection,
+    table: &TableSchema,
+    key: &ShardKey,
+) -> Result<u64, NodeError> {
+    let sql = format!(
+        "DELETE FROM {} WHERE {} = ?1",
+        quote(&table.name),
+        quote(&table.key)
+    );
+    let deleted = conn.prepare_cached(&sql)?.execute([key.to_sql()])?;
+    if deleted == 0 {
+        return Err(not_found(table, key));
+    }
+    Ok(deleted as u64)
+}
+
+fn not_found(table: &TableSchema, key: &ShardKey) -> NodeError {
+    NodeError::RowNotFound {
+        table: table.name.clone(),
+        key: key.to_string(),
+    }
+}
+
+/// Up to `limit` keys after `after`, in primary-key order.
+pub(crate) fn keys(
+    conn: &Connection,
+    table: &TableSchema,
+    after: Option<&ShardKey>,
+    limit: usize,
+) -> Result<KeysResponse, NodeError> {
+    let (t, k) = (quote(&table.name), quote(&table.key));
+    let sql = match after {
+        Some(_) => format!("SELECT {k} FROM {t} WHERE {k} > ?1 ORDER BY {k} LIMIT ?2"),
+        None => format!("SELECT {k} FROM {t} ORDER BY {k} LIMIT ?2"),
+    };
+    let mut stmt = conn.prepare_cached(&sql)?;
+    if let Some(after) = after {
+        stmt.raw_bind_parameter(1, after.to_sql())?;
+    }
+    // One more than asked tells whether another page follows.
+    let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+    stmt.raw_bind_parameter(2, fetch)?;
+    let mut keys = Vec::with_capacity(limit.min(1024));
+    let mut rows = stmt.raw_query();
+    while let Some(row) = rows.next()? {
+        keys.push(sql_to_json(row.get_ref(0)?));
+    }
+    let next = if keys.len() > limit {
+        keys.truncate(limit);
+        keys.last().cloned()
+    } else {
+        None
+    };
+    Ok(KeysResponse { keys, next })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Affinity;
+    use serde_json::json;
+
+    fn users() -> TableSchema {
+        TableSchema {
+            name: "users".into(),
+            key: "id".into(),
+            key_affinity: Affinity::Text,
+            columns: vec!["id".into(), "name".into(), "email".into()],
+        }
+    }
+
+    #[test]
+    fn upsert_sql_updates_only_named_columns() {
+        assert_eq!(
+            upsert_sql(&users(), &[2]),
+            "INSERT INTO \"users\" (\"id\", \"email\") VALUES (?1, ?2) \
+             ON CONFLICT (\"id\") DO UPDATE SET \"email\" = excluded.\"email\""
+        );
+        assert_eq!(
+            upsert_sql(&users(), &[]),
+            "INSERT INTO \"users\" (\"id\") VALUES (?1) ON CONFLICT (\"id\") DO NOTHING"
+        );
+    }
+
+    #[test]
+    fn validation_orders_columns_and_checks_the_key() {
+        let table = users();
+        let key = ShardKey::Text("a".into());
+        let row = validate(&table, &json!({"email": "e", "name": "n"}), Some(&key), 0).unwrap();
+        let positions: Vec<usize> = row.values.iter().map(|(i, _)| *i).collect();
+        assert_eq!(positions, [1, 2]);
+        assert!(matches!(
+            validate(&table, &json!({"id": "b"}), Some(&key), 0),
+            Err(NodeError::KeyMismatch { .. })
+        ));
+        assert!(matches!(
+            validate(&table, &json!({"name": "n"}), None, 3),
+            Err(NodeError::MissingKey { index: 3, .. })
+        ));
+        assert!(matches!(
+            validate(&table, &json!({"id": "a", "nope": 1}), None, 0),
+            Err(NodeError::UnknownColumn { .. })
+        ));
+    }
+}

@@ -1,0 +1,131 @@
+//! Which tables are sharded: every table of the main schema with a single-column PRIMARY KEY,
+//! except SQLite's own (`sqlite_*`) and ours (`_shardlite_*`).
+
+use std::collections::BTreeMap;
+
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+
+use crate::guard::INTERNAL_PREFIX;
+use crate::key::{Affinity, affinity_of};
+
+/// A sharded table as the proxy sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TableSchema {
+    pub name: String,
+    /// The shard key: the table's single PRIMARY KEY column.
+    pub key: String,
+    pub key_affinity: Affinity,
+    /// Every column that can be written, key included, in table order.
+    pub columns: Vec<String>,
+}
+
+/// `GET /v1/schema`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SchemaResponse {
+    pub tables: Vec<TableSchema>,
+}
+
+/// The sharded tables of one database, by name.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Schema {
+    tables: BTreeMap<String, TableSchema>,
+}
+
+impl Schema {
+    /// Reads the sharded tables from the live schema.
+    pub(crate) fn load(conn: &Connection) -> rusqlite::Result<Schema> {
+        // `table_list` tells real tables from views, virtual tables and their shadow tables
+        // (an FTS5 table's `_data` table also has a one-column PRIMARY KEY).
+        let names: Vec<String> = conn
+            .prepare_cached(
+                "SELECT name FROM pragma_table_list WHERE schema = 'main' AND type = 'table'",
+            )?
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut tables = BTreeMap::new();
+        for name in names.into_iter().filter(|n| !is_reserved(n)) {
+            // (name, declared type, position in the primary key; 0 if not in it)
+            let columns: Vec<(String, String, i64)> = conn
+                .prepare_cached(
+                    "SELECT name, type, pk FROM pragma_table_info(?1, 'main') ORDER BY cid",
+                )?
+                .query_map([&name], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut key_columns = columns.iter().filter(|(_, _, pk)| *pk > 0);
+            let (Some((key, declared, _)), None) = (key_columns.next(), key_columns.next()) else {
+                continue;
+            };
+            let table = TableSchema {
+                name: name.clone(),
+                key: key.clone(),
+                key_affinity: affinity_of(declared),
+                columns: columns.iter().map(|(c, _, _)| c.clone()).collect(),
+            };
+            tables.insert(name, table);
+        }
+        Ok(Schema { tables })
+    }
+
+    pub(crate) fn table(&self, name: &str) -> Option<&TableSchema> {
+        self.tables.get(name)
+    }
+
+    /// Every sharded table, by name.
+    pub(crate) fn tables(&self) -> impl Iterator<Item = &TableSchema> {
+        self.tables.values()
+    }
+}
+
+/// Names no client can reach as a sharded table.
+fn is_reserved(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("sqlite_") || lower.starts_with(INTERNAL_PREFIX)
+}
+
+/// `name` as a quoted SQL identifier. Only ever called with names read from the live schema.
+pub(crate) fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tables_with_a_single_column_key_are_sharded() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE users (id TEXT PRIMARY KEY, name TEXT, age INTEGER);
+             CREATE TABLE counters (id INTEGER PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE pairs (a TEXT, b TEXT, PRIMARY KEY (a, b));
+             CREATE TABLE log (line TEXT);
+             CREATE TABLE _shardlite_x (id INTEGER PRIMARY KEY);
+             CREATE TABLE _SHARDLITE_y (id INTEGER PRIMARY KEY);
+             CREATE VIEW v AS SELECT * FROM users;
+             CREATE VIRTUAL TABLE docs USING fts5(body);
+             CREATE TABLE \"we\"\"ird\" (\"k\"\"ey\" PRIMARY KEY, v);",
+        )
+        .unwrap();
+        let schema = Schema::load(&conn).unwrap();
+        let names: Vec<&str> = schema.tables().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["counters", "users", "we\"ird"]);
+        let users = schema.table("users").unwrap();
+        assert_eq!(users.key, "id");
+        assert_eq!(users.key_affinity, Affinity::Text);
+        assert_eq!(users.columns, ["id", "name", "age"]);
+        assert_eq!(
+            schema.table("counters").unwrap().key_affinity,
+            Affinity::Integer
+        );
+        let weird = schema.table("we\"ird").unwrap();
+        assert_eq!(weird.key, "k\"ey");
+        assert_eq!(weird.key_affinity, Affinity::Blob);
+    }
+
+    #[test]
+    fn quoting_doubles_quotes() {
+        assert_eq!(quote("users"), "\"users\"");
+        assert_eq!(quote("a\"b"), "\"a\"\"b\"");
+    }
+}

@@ -1,0 +1,36 @@
+//! Row counts and size: `GET /v1/stats`.
+
+use std::collections::BTreeMap;
+
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+
+use crate::schema::{Schema, quote};
+
+/// `GET /v1/stats` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StatsResponse {
+    /// Rows in all sharded tables.
+    pub rows: u64,
+    /// The main database's size: `page_count * page_size`. The WAL is not counted: it is
+    /// transient and shrinks back at checkpoints.
+    pub bytes: u64,
+    /// Rows per sharded table.
+    pub tables: BTreeMap<String, u64>,
+}
+
+pub(crate) fn collect(conn: &Connection, schema: &Schema) -> rusqlite::Result<StatsResponse> {
+    let mut tables = BTreeMap::new();
+    for table in schema.tables() {
+        let sql = format!("SELECT count(*) FROM {}", quote(&table.name));
+        let n: i64 = conn.prepare_cached(&sql)?.query_row([], |row| row.get(0))?;
+        tables.insert(table.name.clone(), u64::try_from(n).unwrap_or(0));
+    }
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |row| row.get(0))?;
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    Ok(StatsResponse {
+        rows: tables.values().sum(),
+        bytes: u64::try_from(pages * page_size).unwrap_or(0),
+        tables,
+    })
+}
