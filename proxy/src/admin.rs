@@ -1,0 +1,289 @@
+//! The admin plane under `/v1/cluster`: membership, per-node figures, verification.
+
+use crate::body::JsonBody;
+use crate::cluster::{NodeInfo, Topology};
+use crate::error::{ProxyError, ProxyResult};
+use crate::migrate::{self, MigrateRequest, MigrationStatus};
+use crate::server::ProxyState;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shardlite_node::key::ShardKey;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+pub fn router() -> Router<ProxyState> {
+    Router::new()
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/status", get(status))
+        .route("/v1/cluster/verify", get(verify))
+        .route(
+            "/v1/cluster/migrations",
+            get(migrations_status).post(run_migrations),
+        )
+}
+
+/// `GET /v1/cluster`: epoch, nodes, and the rebalance job.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ClusterResponse {
+    pub epoch: u64,
+    pub nodes: Vec<NodeInfo>,
+    pub rebalance: RebalanceStatus,
+}
+
+/// What `GET /v1/cluster/rebalance` reports.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RebalanceStatus {
+    pub state: String,
+    pub rows_moved: u64,
+    pub rows_to_move: u64,
+    pub error: Option<String>,
+}
+
+impl RebalanceStatus {
+    pub fn idle() -> RebalanceStatus {
+        RebalanceStatus {
+            state: "idle".into(),
+            rows_moved: 0,
+            rows_to_move: 0,
+            error: None,
+        }
+    }
+}
+
+fn cluster_response(topology: &Topology) -> ClusterResponse {
+    ClusterResponse {
+        epoch: topology.epoch,
+        nodes: topology.nodes.clone(),
+        rebalance: RebalanceStatus::idle(),
+    }
+}
+
+async fn cluster(State(state): State<ProxyState>) -> Json<ClusterResponse> {
+    Json(cluster_response(&state.cluster().topology()))
+}
+
+/// One node's figures in `GET /v1/cluster/status`.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct NodeStatus {
+    #[serde(flatten)]
+    pub node: NodeInfo,
+    /// Fraction of the hash ring the node owns now (0 while joining).
+    pub share: f64,
+    pub reachable: bool,
+    pub rows: Option<u64>,
+    pub bytes: Option<u64>,
+    /// The highest migration applied on the node.
+    pub schema_version: Option<i64>,
+    /// Why the figures are missing, when the node did not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/cluster/status`: `GET /v1/cluster` plus per-node rows, bytes and ring share.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct StatusResponse {
+    pub epoch: u64,
+    /// The highest known migration; a node below it lags.
+    pub schema_version: i64,
+    pub nodes: Vec<NodeStatus>,
+    pub rebalance: RebalanceStatus,
+}
+
+#[derive(Deserialize)]
+struct NodeStats {
+    rows: u64,
+    bytes: u64,
+}
+
+async fn status(State(state): State<ProxyState>) -> Json<StatusResponse> {
+    let topology = state.cluster().topology();
+    let shares: HashMap<String, f64> = topology
+        .ring
+        .shares()
+        .into_iter()
+        .map(|(id, share)| (id.as_str().to_owned(), share))
+        .collect();
+    let calls = topology.nodes.iter().map(|node| {
+        let state = &state;
+        async move {
+            state
+                .upstream()
+                .call(&node.id, Method::GET, &node.url, "/v1/stats", None)
+                .await
+                .and_then(|reply| reply.json::<NodeStats>(&node.id))
+        }
+    });
+    let stats = futures::future::join_all(calls).await;
+    let ledgers = migrate::status(&state).await;
+    let nodes = topology
+        .nodes
+        .iter()
+        .zip(stats)
+        .map(|(node, stats)| {
+            let share = shares.get(&node.id).copied().unwrap_or(0.0);
+            match stats {
+                Ok(s) => NodeStatus {
+                    node: node.clone(),
+                    share,
+                    reachable: true,
+                    rows: Some(s.rows),
+                    bytes: Some(s.bytes),
+                    schema_version: ledgers.as_ref().ok().and_then(|l| {
+                        let ledger = l.nodes.get(&node.id)?;
+                        ledger
+                            .error
+                            .is_none()
+                            .then(|| ledger.applied.last().map_or(0, |m| m.version))
+                    }),
+                    error: None,
+                },
+                Err(e) => NodeStatus {
+                    node: node.clone(),
+                    share,
+                    reachable: false,
+                    rows: None,
+                    bytes: None,
+                    schema_version: None,
+                    error: Some(e.message()),
+                },
+            }
+        })
+        .collect();
+    Json(StatusResponse {
+        epoch: topology.epoch,
+        schema_version: ledgers.as_ref().map_or(0, |l| l.version),
+        nodes,
+        rebalance: RebalanceStatus::idle(),
+    })
+}
+
+/// `GET /v1/cluster/verify`.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct VerifyResponse {
+    pub epoch: u64,
+    pub rows_total: u64,
+    /// Rows stored on a node that does not own their key.
+    pub misplaced: u64,
+    /// Keys stored on more than one node.
+    pub duplicates: u64,
+    pub nodes: BTreeMap<String, NodeVerify>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct NodeVerify {
+    pub rows: u64,
+    pub misplaced: u64,
+}
+
+#[derive(Deserialize)]
+struct KeysPage {
+    keys: Vec<Value>,
+    next: Option<Value>,
+}
+
+const VERIFY_PAGE: usize = 10_000;
+
+async fn verify(State(state): State<ProxyState>) -> ProxyResult<Json<VerifyResponse>> {
+    let topology = state.cluster().topology();
+    state.schema().refresh(&topology, state.upstream()).await?;
+    let tables = state.schema().all();
+
+    let scans = topology.nodes.iter().map(|node| {
+        let state = &state;
+        let tables = &tables;
+        let topology = &topology;
+        async move {
+            let mut figures = NodeVerify::default();
+            // (table index, hash of the routing text) of every key on this node.
+            let mut seen: Vec<(usize, u64)> = Vec::new();
+            for (t, table) in tables.iter().enumerate() {
+                let mut after = Value::Null;
+                loop {
+                    let body = json!({ "table": table.name, "after": after, "limit": VERIFY_PAGE });
+                    let page: KeysPage = state
+                        .upstream()
+                        .call(
+                            &node.id,
+                            Method::POST,
+                            &node.url,
+                            "/v1/keys",
+                            Some(serde_json::to_vec(&body).expect("JSON serializes").into()),
+                        )
+                        .await?
+                        .json(&node.id)?;
+                    for key in &page.keys {
+                        let key = ShardKey::from_json(key, table.key_affinity).map_err(|e| {
+                            ProxyError::BadNodeAnswer {
+                                node: node.id.clone(),
+                                reason: format!(
+                                    "stored key in {} is not routable: {e}",
+                                    table.name
+                                ),
+                            }
+                        })?;
+                        let routing = key.routing_text();
+                        figures.rows += 1;
+                        if topology.owner(&routing)?.id != node.id {
+                            figures.misplaced += 1;
+                        }
+                        let mut hasher = DefaultHasher::new();
+                        routing.hash(&mut hasher);
+                        seen.push((t, hasher.finish()));
+                    }
+                    match page.next {
+                        Some(next) if !page.keys.is_empty() => after = next,
+                        _ => break,
+                    }
+                }
+            }
+            Ok::<_, ProxyError>((node.id.clone(), figures, seen))
+        }
+    });
+    let results = futures::future::join_all(scans).await;
+
+    let mut response = VerifyResponse {
+        epoch: topology.epoch,
+        rows_total: 0,
+        misplaced: 0,
+        duplicates: 0,
+        nodes: BTreeMap::new(),
+    };
+    let mut copies: HashMap<(usize, u64), u32> = HashMap::new();
+    for result in results {
+        let (id, figures, seen) = result?;
+        response.rows_total += figures.rows;
+        response.misplaced += figures.misplaced;
+        for key in seen {
+            *copies.entry(key).or_default() += 1;
+        }
+        response.nodes.insert(id, figures);
+    }
+    response.duplicates = copies.values().filter(|&&n| n > 1).count() as u64;
+    Ok(Json(response))
+}
+
+async fn run_migrations(
+    State(state): State<ProxyState>,
+    JsonBody(request): JsonBody<MigrateRequest>,
+) -> ProxyResult<Response> {
+    let latest = request
+        .migrations
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
+    let _job = state
+        .jobs()
+        .begin(format!("a migration to version {latest}"))?;
+    let (status, response) = migrate::apply(&state, &request.migrations).await?;
+    Ok((status, Json(response)).into_response())
+}
+
+async fn migrations_status(State(state): State<ProxyState>) -> ProxyResult<Json<MigrationStatus>> {
+    Ok(Json(migrate::status(&state).await?))
+}

@@ -1,0 +1,49 @@
+//! Request bodies: read with the configured size limit and parsed as JSON, so that every
+//! failure (too large, not JSON, wrong shape) is a `{"error": ...}` answer, never axum's
+//! plain-text rejection.
+
+use crate::error::ProxyError;
+use crate::server::ProxyState;
+use axum::extract::{FromRequest, Request};
+use bytes::Bytes;
+use http::StatusCode;
+use serde::de::DeserializeOwned;
+
+/// A JSON body of type `T`.
+pub struct JsonBody<T>(pub T);
+
+/// The raw bytes of a body, within the limit.
+pub struct RawBody(pub Bytes);
+
+impl FromRequest<ProxyState> for RawBody {
+    type Rejection = ProxyError;
+
+    async fn from_request(req: Request, state: &ProxyState) -> Result<Self, Self::Rejection> {
+        let limit = state.config().max_body_bytes;
+        match Bytes::from_request(req, state).await {
+            Ok(bytes) => Ok(RawBody(bytes)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ProxyError::PayloadTooLarge { limit })
+            }
+            Err(rejection) => Err(ProxyError::BadRequest(format!(
+                "cannot read the request body: {}",
+                rejection.body_text()
+            ))),
+        }
+    }
+}
+
+impl<T: DeserializeOwned> FromRequest<ProxyState> for JsonBody<T> {
+    type Rejection = ProxyError;
+
+    async fn from_request(req: Request, state: &ProxyState) -> Result<Self, Self::Rejection> {
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        parse(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses a JSON body into `T`, with serde's message (line, column, what was expected).
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProxyError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ProxyError::BadRequest(format!("invalid JSON body: {e}")))
+}

@@ -1,0 +1,575 @@
+//! The `shardlite` command line: servers (`node`, `proxy`, `dev`) and admin commands that talk
+//! to a running proxy (`status`, `verify`, `migrate`).
+//!
+//! Every flag also reads an environment variable (`SHARDLITE_...`). Admin commands find the
+//! proxy with `--proxy URL`, else `$SHARDLITE_PROXY`, else `http://127.0.0.1:7000`, and print a
+//! table, or with `--json` the JSON of the matching endpoint. A failure is one line saying what
+//! went wrong and how to mend it, and a non-zero exit.
+
+use crate::admin::{StatusResponse, VerifyResponse};
+use crate::error::node_error_message;
+use crate::migrate::{MigrateRequest, MigrateResponse, MigrationStatus};
+use crate::upstream::{Upstream, UpstreamConfig};
+use crate::{ProxyConfig, ProxyState, dev};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use http::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "shardlite",
+    version,
+    about = "Shard a SQLite-backed service across nodes behind one proxy"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a shard node: serve one SQLite file over HTTP to the proxy.
+    Node(NodeArgs),
+    /// Run the proxy: route rows to nodes by key, run migrations, serve the admin API.
+    Proxy(ProxyArgs),
+    /// Run a whole local cluster in one process: the proxy and N nodes, migrations applied.
+    Dev(DevArgs),
+    /// Apply the migrations in a directory to every shard, or show per-node versions.
+    Migrate(MigrateArgs),
+    /// Show nodes, their state, share of the ring, rows, bytes and schema version.
+    Status(AdminArgs),
+    /// Check that every row lives on exactly its owner; exits 1 if not.
+    Verify(AdminArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SHARDLITE_NODE_LISTEN", default_value = "127.0.0.1:7001")]
+    pub listen: SocketAddr,
+    /// The node's SQLite file (created if missing).
+    #[arg(long, env = "SHARDLITE_NODE_DB")]
+    pub db: PathBuf,
+    /// Read-only connections for reads.
+    #[arg(long, env = "SHARDLITE_NODE_READERS", default_value_t = 4)]
+    pub readers: usize,
+    /// Longest time one client statement may run, in milliseconds (504 after it).
+    #[arg(long, env = "SHARDLITE_STATEMENT_TIMEOUT_MS", default_value_t = 5000)]
+    pub statement_timeout_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ProxyArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SHARDLITE_PROXY_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+    /// The proxy's state file: membership, epoch, migrations (created if missing).
+    #[arg(long, env = "SHARDLITE_STATE")]
+    pub state: PathBuf,
+    /// A first member, ID=URL; repeat it. Used only when the state file is new.
+    #[arg(long = "node", env = "SHARDLITE_NODES", value_delimiter = ',', value_parser = parse_seed)]
+    pub nodes: Vec<(String, String)>,
+    /// Virtual nodes per unit of weight; fixed when the state file is created.
+    #[arg(long, env = "SHARDLITE_VNODES", default_value_t = shardlite_ring::DEFAULT_VNODES)]
+    pub vnodes: u32,
+    /// Largest request body in bytes (413 above it).
+    #[arg(long, env = "SHARDLITE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// How long a connect to a node may take before it counts as down (503), in milliseconds.
+    #[arg(long, env = "SHARDLITE_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
+    pub connect_timeout_ms: u64,
+    /// How long a call to a node may take before it counts as timed out (504), in milliseconds.
+    #[arg(long, env = "SHARDLITE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+}
+
+impl ProxyArgs {
+    pub fn config(&self) -> ProxyConfig {
+        let mut config = ProxyConfig::new(&self.state);
+        config.seed_nodes = self.nodes.clone();
+        config.vnodes = self.vnodes;
+        config.max_body_bytes = self.max_body_bytes;
+        config.upstream = UpstreamConfig {
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        };
+        config
+    }
+}
+
+fn parse_seed(text: &str) -> Result<(String, String), String> {
+    let (id, url) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected ID=URL, e.g. n1=http://127.0.0.1:7001, got {text:?}"))?;
+    Ok((id.trim().to_owned(), url.trim().to_owned()))
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// How many nodes to run.
+    #[arg(long, env = "SHARDLITE_DEV_NODES", default_value_t = 3)]
+    pub nodes: u16,
+    /// Where the SQLite files live; kept across restarts.
+    #[arg(long, env = "SHARDLITE_DEV_DATA", default_value = "shardlite-data")]
+    pub data: PathBuf,
+    /// Migrations applied at start.
+    #[arg(long, env = "SHARDLITE_MIGRATIONS", default_value = "migrations")]
+    pub migrations: PathBuf,
+    /// The proxy's address; node i listens on the next port + i.
+    #[arg(long, env = "SHARDLITE_DEV_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AdminArgs {
+    /// The proxy's URL.
+    #[arg(long, env = "SHARDLITE_PROXY", default_value = "http://127.0.0.1:7000")]
+    pub proxy: String,
+    /// Print the endpoint's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The directory of NNNN_name.sql files.
+    #[arg(long, env = "SHARDLITE_MIGRATIONS", default_value = "migrations")]
+    pub dir: PathBuf,
+    /// Show each node's applied versions instead of applying.
+    #[arg(long)]
+    pub status: bool,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Sets up `tracing` from `RUST_LOG` (default `info`), on stderr.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs one command; admin output goes to `out`.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Node(args) => run_node(args, out).await,
+        Command::Proxy(args) => run_proxy(args, out).await,
+        Command::Dev(args) => dev::run(args, out).await,
+        Command::Migrate(args) => migrate(args, out).await,
+        Command::Status(args) => status(args, out).await,
+        Command::Verify(args) => verify(args, out).await,
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} for the {what}: is another process using it? pick another address with --listen")
+    })
+}
+
+async fn run_node(args: NodeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let mut config = shardlite_node::NodeConfig::new(&args.db);
+    config.readers = args.readers.max(1);
+    config.statement_timeout = Duration::from_millis(args.statement_timeout_ms);
+    if let Some(dir) = args.db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+    }
+    let state = shardlite_node::NodeState::open(config)
+        .with_context(|| format!("cannot open the node database {}", args.db.display()))?;
+    let listener = bind(args.listen, "node").await?;
+    announce(out, "node", &listener)?;
+    shardlite_node::serve(listener, state, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_proxy(args: ProxyArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let state = ProxyState::open(args.config())
+        .with_context(|| format!("cannot open the state file {}", args.state.display()))?;
+    let listener = bind(args.listen, "proxy").await?;
+    announce(out, "proxy", &listener)?;
+    crate::serve(listener, state, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The first line a server prints, `shardlite node listening on http://127.0.0.1:7001`: with
+/// `--listen 127.0.0.1:0` it is how scripts and tests learn the port.
+fn announce(
+    out: &mut dyn Write,
+    what: &str,
+    listener: &tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "shardlite {what} listening on http://{}",
+        listener.local_addr()?
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+/// A small client for the proxy's admin API.
+pub struct AdminClient {
+    upstream: Upstream,
+    base: String,
+}
+
+impl AdminClient {
+    pub fn new(proxy: &str) -> anyhow::Result<AdminClient> {
+        let base = crate::cluster::normalize_url(proxy)
+            .map_err(|e| anyhow::anyhow!("--proxy / SHARDLITE_PROXY: {}", e.message()))?;
+        let upstream = Upstream::new(UpstreamConfig {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(3600),
+        });
+        Ok(AdminClient { upstream, base })
+    }
+
+    /// Sends a request; returns the status and the body of any answer, 4xx and 5xx included.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(StatusCode, bytes::Bytes)> {
+        let reply = self
+            .upstream
+            .call("proxy", method, &self.base, path, body.map(Into::into))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach the proxy at {}: {}. Is it running? Start one with \
+                     `shardlite dev`, or point to it with --proxy URL or SHARDLITE_PROXY",
+                    self.base,
+                    e.message()
+                )
+            })?;
+        Ok((reply.status, reply.body))
+    }
+
+    /// Sends a request and decodes a successful answer; an error answer becomes its message.
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<T> {
+        let (status, body) = self.send(method, path, body).await?;
+        if !status.is_success() {
+            bail!("{} (HTTP {status})", node_error_message("proxy", &body));
+        }
+        serde_json::from_slice(&body)
+            .with_context(|| format!("the proxy at {} sent an unexpected answer", self.base))
+    }
+}
+
+fn print_json(out: &mut dyn Write, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    writeln!(out, "{}", serde_json::to_string_pretty(value)?)?;
+    Ok(())
+}
+
+/// 1536 → "1.5 KiB".
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut text = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
+            .collect();
+        text.push_str(line.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+async fn status(args: AdminArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(&args.proxy)?;
+    let status: StatusResponse = client.json(Method::GET, "/v1/cluster/status", None).await?;
+    if args.json {
+        print_json(out, &status)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let job = &status.rebalance;
+    writeln!(
+        out,
+        "epoch {}  schema version {}  rebalance {}{}",
+        status.epoch,
+        status.schema_version,
+        job.state,
+        if job.state == "running" {
+            format!(" ({} of {} rows moved)", job.rows_moved, job.rows_to_move)
+        } else {
+            String::new()
+        }
+    )?;
+    let mut rows = vec![
+        [
+            "ID", "STATE", "WEIGHT", "SHARE", "ROWS", "BYTES", "SCHEMA", "URL",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let mut problems = Vec::new();
+    for n in &status.nodes {
+        let schema = match n.schema_version {
+            Some(v) if v < status.schema_version => format!("{v} (lagging)"),
+            Some(v) => v.to_string(),
+            None => "?".into(),
+        };
+        rows.push(vec![
+            n.node.id.clone(),
+            if n.reachable {
+                n.node.state.as_str().to_owned()
+            } else {
+                format!("{} (down)", n.node.state.as_str())
+            },
+            n.node.weight.to_string(),
+            format!("{:.1}%", n.share * 100.0),
+            n.rows.map_or("?".into(), |r| r.to_string()),
+            n.bytes.map_or("?".into(), human_bytes),
+            schema,
+            n.node.url.clone(),
+        ]);
+        if let Some(error) = &n.error {
+            problems.push(format!("{}: {error}", n.node.id));
+        }
+    }
+    write!(out, "{}", table(&rows))?;
+    for problem in problems {
+        writeln!(out, "! {problem}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(args: AdminArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(&args.proxy)?;
+    let report: VerifyResponse = client.json(Method::GET, "/v1/cluster/verify", None).await?;
+    let ok = report.misplaced == 0 && report.duplicates == 0;
+    if args.json {
+        print_json(out, &report)?;
+    } else {
+        let mut rows = vec![["NODE", "ROWS", "MISPLACED"].map(String::from).to_vec()];
+        for (id, n) in &report.nodes {
+            rows.push(vec![
+                id.clone(),
+                n.rows.to_string(),
+                n.misplaced.to_string(),
+            ]);
+        }
+        write!(out, "{}", table(&rows))?;
+        writeln!(
+            out,
+            "{} rows, {} misplaced, {} duplicated keys: {}",
+            report.rows_total,
+            report.misplaced,
+            report.duplicates,
+            if ok {
+                "every row lives on exactly its owner"
+            } else {
+                "NOT OK: run `shardlite rebalance` to move rows to their owners"
+            }
+        )?;
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn migrate(args: MigrateArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(&args.admin.proxy)?;
+    if args.status {
+        let status: MigrationStatus = client
+            .json(Method::GET, "/v1/cluster/migrations", None)
+            .await?;
+        if args.admin.json {
+            print_json(out, &status)?;
+        } else {
+            write!(out, "{}", migration_matrix(&status))?;
+        }
+        return Ok(if status.lagging.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    let set = crate::migrate::read_dir(&args.dir).map_err(anyhow::Error::msg)?;
+    if set.is_empty() {
+        bail!(
+            "no migrations in {}: add files named NNNN_name.sql, or point to them with --dir",
+            args.dir.display()
+        );
+    }
+    let body = serde_json::to_vec(&MigrateRequest { migrations: set })?;
+    let (code, body) = client
+        .send(Method::POST, "/v1/cluster/migrations", Some(body))
+        .await?;
+    let Ok(response) = serde_json::from_slice::<MigrateResponse>(&body) else {
+        bail!("{} (HTTP {code})", node_error_message("proxy", &body));
+    };
+    if args.admin.json {
+        print_json(out, &response)?;
+    } else {
+        let mut rows = vec![
+            ["NODE", "VERSION", "APPLIED NOW", "ERROR"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for (id, n) in &response.nodes {
+            rows.push(vec![
+                id.clone(),
+                n.version.map_or("?".into(), |v| v.to_string()),
+                if n.applied.is_empty() {
+                    "-".into()
+                } else {
+                    n.applied
+                        .iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+                n.error.clone().unwrap_or_default(),
+            ]);
+        }
+        write!(out, "{}", table(&rows))?;
+    }
+    if let Some(error) = &response.error {
+        bail!("{error}");
+    }
+    if !args.admin.json {
+        writeln!(out, "every node is at version {}", response.version)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Nodes down, versions across: `✓` applied, `·` not yet, `✗` applied with another checksum.
+pub fn migration_matrix(status: &MigrationStatus) -> String {
+    let mut header = vec!["NODE".to_owned()];
+    header.extend(status.migrations.iter().map(|m| m.version.to_string()));
+    header.push("STATUS".into());
+    let mut rows = vec![header];
+    for (id, ledger) in &status.nodes {
+        let mut row = vec![id.clone()];
+        for known in &status.migrations {
+            let cell = match ledger.applied.iter().find(|a| a.version == known.version) {
+                Some(a) if a.checksum == known.checksum => "✓",
+                Some(_) => "✗",
+                None => "·",
+            };
+            row.push(cell.into());
+        }
+        row.push(match &ledger.error {
+            Some(e) => format!("unreachable: {e}"),
+            None if status.lagging.contains(id) => "lagging".into(),
+            None => "ok".into(),
+        });
+        rows.push(row);
+    }
+    let mut text = table(&rows);
+    for m in &status.migrations {
+        text.push_str(&format!("{:>4}  {}\n", m.version, m.name));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn admin_flags_are_taken_after_the_subcommand() {
+        let cli = Cli::try_parse_from(["shardlite", "status", "--proxy", "http://h:1", "--json"])
+            .unwrap();
+        match cli.command {
+            Command::Status(args) => {
+                assert_eq!(args.proxy, "http://h:1");
+                assert!(args.json);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn seeds_are_id_equals_url() {
+        assert_eq!(
+            parse_seed("n1=http://127.0.0.1:7001").unwrap(),
+            ("n1".into(), "http://127.0.0.1:7001".into())
+        );
+        assert!(parse_seed("http://127.0.0.1:7001").is_err());
+    }
+
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+}

@@ -1,0 +1,367 @@
+//! Membership: which nodes exist, their state and weight, the epoch, and the ring built from them.
+//!
+//! The durable copy lives in the proxy's SQLite state file (`--state`), written with
+//! `synchronous=FULL` so an acknowledged membership change survives a crash. Readers never lock:
+//! the current [`Topology`] is an immutable value behind an `ArcSwap`, rebuilt and swapped whole
+//! after every change. Writers take the state file's mutex, write, then swap.
+
+use crate::error::{ProxyError, ProxyResult};
+use arc_swap::ArcSwap;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use shardlite_ring::{Member, NodeId, Ring};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Where a node stands in the cluster's life cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Owns its share of the ring.
+    Active,
+    /// Added, has the schema, owns nothing until a rebalance moves its rows in.
+    Joining,
+    /// Being drained: still owns its rows until a rebalance moves them out, then leaves.
+    Leaving,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Active => "active",
+            MemberState::Joining => "joining",
+            MemberState::Leaving => "leaving",
+        }
+    }
+
+    fn parse(text: &str) -> Option<MemberState> {
+        match text {
+            "active" => Some(MemberState::Active),
+            "joining" => Some(MemberState::Joining),
+            "leaving" => Some(MemberState::Leaving),
+            _ => None,
+        }
+    }
+}
+
+/// One node as the cluster knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:7001`.
+    pub url: String,
+    pub state: MemberState,
+    pub weight: u32,
+}
+
+/// An immutable snapshot of membership: what every routed request reads.
+#[derive(Debug)]
+pub struct Topology {
+    pub epoch: u64,
+    pub vnodes: u32,
+    /// Sorted by id.
+    pub nodes: Vec<NodeInfo>,
+    /// The ring of the nodes that own data now: active and leaving ones.
+    pub ring: Ring,
+    by_id: HashMap<String, usize>,
+}
+
+impl Topology {
+    pub fn new(epoch: u64, vnodes: u32, mut nodes: Vec<NodeInfo>) -> ProxyResult<Topology> {
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let members = nodes
+            .iter()
+            .filter(|n| n.state != MemberState::Joining)
+            .map(|n| Member {
+                id: NodeId::new(n.id.clone()),
+                weight: n.weight,
+            });
+        let ring = Ring::new(members, vnodes)
+            .map_err(|e| ProxyError::BadRequest(format!("invalid membership: {e}")))?;
+        let by_id = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.id.clone(), i))
+            .collect();
+        Ok(Topology {
+            epoch,
+            vnodes,
+            nodes,
+            ring,
+            by_id,
+        })
+    }
+
+    pub fn node(&self, id: &str) -> Option<&NodeInfo> {
+        self.by_id.get(id).map(|&i| &self.nodes[i])
+    }
+
+    /// The node that owns a key's routing text, or `NoNodes` for an empty ring.
+    pub fn owner(&self, routing_text: &str) -> ProxyResult<&NodeInfo> {
+        let id = self.ring.lookup(routing_text).ok_or(ProxyError::NoNodes)?;
+        Ok(self
+            .node(id.as_str())
+            .expect("every ring member is a node of the same topology"))
+    }
+}
+
+/// The state file and the current topology.
+pub struct Cluster {
+    store: Mutex<Connection>,
+    current: ArcSwap<Topology>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL,
+    weight INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    sql TEXT NOT NULL,
+    checksum TEXT NOT NULL
+);
+";
+
+impl Cluster {
+    /// Opens (or creates) the state file. `seeds` become active members only when the file is
+    /// new, so a restart with the same flags keeps whatever membership changes happened since.
+    pub fn open(path: &Path, seeds: &[(String, String)], vnodes: u32) -> ProxyResult<Cluster> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let tx = conn.transaction()?;
+        let created: Option<String> = tx
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if created.is_none() {
+            for (id, url) in seeds {
+                validate_id(id)?;
+                let url = normalize_url(url)?;
+                tx.execute(
+                    "INSERT INTO nodes (id, url, state, weight) VALUES (?1, ?2, 'active', 1)",
+                    params![id, url],
+                )
+                .map_err(|e| match e {
+                    rusqlite::Error::SqliteFailure(f, _)
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        ProxyError::BadRequest(format!("--node {id} is given twice"))
+                    }
+                    other => other.into(),
+                })?;
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch', '1'), ('vnodes', ?1)",
+                [vnodes.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        let topology = load(&conn)?;
+        Ok(Cluster {
+            store: Mutex::new(conn),
+            current: ArcSwap::from_pointee(topology),
+        })
+    }
+
+    /// The current topology. Cheap: an atomic load, no lock.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.current.load_full()
+    }
+
+    /// Runs `change` in one transaction on the state file, then reloads and swaps the topology.
+    /// The change is durable before anyone can route by it.
+    pub fn update<T>(
+        &self,
+        change: impl FnOnce(&rusqlite::Transaction<'_>) -> ProxyResult<T>,
+    ) -> ProxyResult<T> {
+        let mut conn = self
+            .store
+            .lock()
+            .expect("state lock is never poisoned: no panics under it");
+        let tx = conn.transaction()?;
+        let out = change(&tx)?;
+        tx.commit()?;
+        let topology = load(&conn)?;
+        self.current.store(Arc::new(topology));
+        Ok(out)
+    }
+
+    /// Runs a read on the state file.
+    pub fn read<T>(&self, read: impl FnOnce(&Connection) -> ProxyResult<T>) -> ProxyResult<T> {
+        let conn = self
+            .store
+            .lock()
+            .expect("state lock is never poisoned: no panics under it");
+        read(&conn)
+    }
+}
+
+/// Bumps the epoch inside a membership-changing transaction.
+pub fn bump_epoch(tx: &rusqlite::Transaction<'_>) -> ProxyResult<u64> {
+    tx.execute(
+        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'epoch'",
+        [],
+    )?;
+    let epoch: String = tx.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+        r.get(0)
+    })?;
+    Ok(epoch.parse().unwrap_or(0))
+}
+
+fn load(conn: &Connection) -> ProxyResult<Topology> {
+    let meta = |key: &str| -> ProxyResult<u64> {
+        let value: String =
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))?;
+        value.parse().map_err(|_| {
+            ProxyError::State(rusqlite::Error::InvalidColumnType(
+                0,
+                format!("meta.{key} = {value:?} is not a number"),
+                rusqlite::types::Type::Text,
+            ))
+        })
+    };
+    let epoch = meta("epoch")?;
+    let vnodes = meta("vnodes")? as u32;
+    let mut stmt = conn.prepare("SELECT id, url, state, weight FROM nodes ORDER BY id")?;
+    let nodes = stmt
+        .query_map([], |r| {
+            let state: String = r.get(2)?;
+            Ok(NodeInfo {
+                id: r.get(0)?,
+                url: r.get(1)?,
+                state: MemberState::parse(&state).unwrap_or(MemberState::Active),
+                weight: r.get(3)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Topology::new(epoch, vnodes, nodes)
+}
+
+/// A node id: 1–64 characters of `[A-Za-z0-9._-]`, so it is safe in URLs, logs and file names.
+pub fn validate_id(id: &str) -> ProxyResult<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProxyError::BadRequest(format!(
+            "invalid node id {id:?}: use 1-64 characters of letters, digits, '.', '_' or '-'"
+        )))
+    }
+}
+
+/// Checks a node URL (`http://host:port`, an optional trailing slash) and returns it without
+/// the slash.
+pub fn normalize_url(url: &str) -> ProxyResult<String> {
+    let trimmed = url.trim_end_matches('/');
+    let parsed: http::Uri = trimmed
+        .parse()
+        .map_err(|e| ProxyError::BadRequest(format!("invalid node URL {url:?}: {e}")))?;
+    let plain = parsed.scheme_str() == Some("http")
+        && parsed.authority().is_some()
+        && parsed
+            .path_and_query()
+            .is_none_or(|p| p.as_str().is_empty() || p == "/");
+    if !plain {
+        return Err(ProxyError::BadRequest(format!(
+            "invalid node URL {url:?}: expected http://HOST:PORT"
+        )));
+    }
+    Ok(trimmed.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_count_only_when_the_state_file_is_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let seeds = vec![
+            ("a".to_owned(), "http://127.0.0.1:1".to_owned()),
+            ("b".to_owned(), "http://127.0.0.1:2/".to_owned()),
+        ];
+        let cluster = Cluster::open(&path, &seeds, 16).unwrap();
+        let topology = cluster.topology();
+        assert_eq!(topology.epoch, 1);
+        assert_eq!(topology.nodes.len(), 2);
+        assert_eq!(topology.node("b").unwrap().url, "http://127.0.0.1:2");
+        cluster
+            .update(|tx| {
+                tx.execute("DELETE FROM nodes WHERE id = 'b'", [])?;
+                bump_epoch(tx)
+            })
+            .unwrap();
+        drop(cluster);
+
+        let reopened = Cluster::open(&path, &seeds, 16).unwrap();
+        let topology = reopened.topology();
+        assert_eq!(topology.epoch, 2, "the epoch survives a restart");
+        assert_eq!(
+            topology
+                .nodes
+                .iter()
+                .map(|n| n.id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["a"],
+            "seeds must not come back once the state file exists"
+        );
+    }
+
+    #[test]
+    fn joining_nodes_own_nothing() {
+        let nodes = vec![
+            NodeInfo {
+                id: "a".into(),
+                url: "http://127.0.0.1:1".into(),
+                state: MemberState::Active,
+                weight: 1,
+            },
+            NodeInfo {
+                id: "b".into(),
+                url: "http://127.0.0.1:2".into(),
+                state: MemberState::Joining,
+                weight: 1,
+            },
+        ];
+        let topology = Topology::new(1, 64, nodes).unwrap();
+        for i in 0..1000 {
+            assert_eq!(topology.owner(&format!("k{i}")).unwrap().id, "a");
+        }
+    }
+
+    #[test]
+    fn bad_ids_and_urls_are_refused() {
+        assert!(validate_id("node-1.a_b").is_ok());
+        for id in ["", "a b", "a/b", "ü", &"x".repeat(65)] {
+            assert!(validate_id(id).is_err(), "{id:?} must be refused");
+        }
+        assert_eq!(
+            normalize_url("http://127.0.0.1:7001/").unwrap(),
+            "http://127.0.0.1:7001"
+        );
+        for url in [
+            "127.0.0.1:7001",
+            "https://x:1",
+            "http://x:1/path",
+            "ftp://x",
+            "",
+        ] {
+            assert!(normalize_url(url).is_err(), "{url:?} must be refused");
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! `shardlite dev`: a whole local cluster in one process, for trying shardlite out.
+//!
+//! The proxy listens on 127.0.0.1:7000 and node i on port 7000 + i. The SQLite files and the
+//! proxy's state live in `--data` (default `shardlite-data/`), so a restart keeps the data. The
+//! migrations in `--migrations` are applied at start through the same path as
+//! `shardlite migrate`.
+
+use crate::cli::{DevArgs, bind, shutdown_signal};
+use crate::{ProxyConfig, ProxyState, migrate};
+use anyhow::{Context, bail};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use tokio::sync::watch;
+
+pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    if args.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("cannot create the data directory {}", args.data.display()))?;
+    let (stop, stopped) = watch::channel(false);
+    let stopped_future = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+
+    let mut seeds = Vec::new();
+    let mut servers = Vec::new();
+    for i in 1..=args.nodes {
+        let port = args.listen.port().checked_add(i).with_context(|| {
+            format!(
+                "port {} + {i} is past 65535: pick a lower --listen port",
+                args.listen.port()
+            )
+        })?;
+        let addr = SocketAddr::new(args.listen.ip(), port);
+        let listener = bind(addr, &format!("node n{i}")).await?;
+        let db = args.data.join(format!("n{i}.db"));
+        let state = shardlite_node::NodeState::open(shardlite_node::NodeConfig::new(&db))
+            .with_context(|| format!("cannot open {}", db.display()))?;
+        servers.push(tokio::spawn(shardlite_node::serve(
+            listener,
+            state,
+            stopped_future(),
+        )));
+        seeds.push((format!("n{i}"), format!("http://{addr}")));
+    }
+
+    let mut config = ProxyConfig::new(args.data.join("proxy.db"));
+    config.seed_nodes = seeds;
+    let proxy = ProxyState::open(config).context("cannot open the proxy's state file")?;
+    let listener = bind(args.listen, "proxy").await?;
+
+    let topology = proxy.cluster().topology();
+    if args.migrations.is_dir() {
+        let set = migrate::read_dir(&args.migrations).map_err(anyhow::Error::msg)?;
+        let _job = proxy.jobs().begin("the start-up migration")?;
+        let (_, outcome) = migrate::apply(&proxy, &set).await.map_err(|e| {
+            anyhow::anyhow!(
+                "migrations in {}: {}",
+                args.migrations.display(),
+                e.message()
+            )
+        })?;
+        if let Some(error) = outcome.error {
+            bail!("migrations in {}: {error}", args.migrations.display());
+        }
+        writeln!(
+            out,
+            "schema: {} migration(s) from {}, every node at version {}",
+            set.len(),
+            args.migrations.display(),
+            outcome.version
+        )?;
+    } else {
+        writeln!(
+            out,
+            "schema: no {} directory here, so no tables yet; add NNNN_name.sql files and run \
+             `shardlite migrate --dir DIR`",
+            args.migrations.display()
+        )?;
+    }
+
+    let proxy_url = format!("http://{}", listener.local_addr()?);
+    writeln!(
+        out,
+        "proxy  {proxy_url}   (data in {})",
+        args.data.display()
+    )?;
+    for node in &topology.nodes {
+        writeln!(
+            out,
+            "node   {}  {}  {}",
+            node.id,
+            node.url,
+            node.state.as_str()
+        )?;
+    }
+    let host = proxy_url.trim_start_matches("http://");
+    writeln!(out, "\ntry:")?;
+    writeln!(
+        out,
+        "  curl -X PUT {host}/v1/tables/users/rows/alice -d '{{\"name\":\"Alice\",\"email\":\"alice@example.com\"}}'"
+    )?;
+    writeln!(out, "  curl {host}/v1/tables/users/rows/alice")?;
+    writeln!(
+        out,
+        "  curl -X POST {host}/v1/sql -d '{{\"sql\":\"SELECT id, name FROM users ORDER BY id\"}}'"
+    )?;
+    writeln!(out, "  shardlite status")?;
+    writeln!(
+        out,
+        "\nCtrl-C stops the cluster; the data stays in {}.",
+        args.data.display()
+    )?;
+    out.flush()?;
+
+    let served = crate::serve(listener, proxy, async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    })
+    .await;
+    for server in servers {
+        server.await.context("a node task failed")??;
+    }
+    served?;
+    Ok(ExitCode::SUCCESS)
+}

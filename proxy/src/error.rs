@@ -1,0 +1,134 @@
+//! The proxy's one error type and how each variant becomes an HTTP answer.
+//!
+//! Variants say who caused the failure, as pingora-error does: the client (4xx), a node
+//! (503 down, 504 too slow, or the node's own answer passed on), or the proxy's own state file
+//! (500). Every answer has the body `{"error": "..."}`.
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request is malformed or breaks a rule; nothing was changed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The table does not exist on the cluster's shards.
+    #[error("unknown table \"{0}\"")]
+    UnknownTable(String),
+    /// No such endpoint or row.
+    #[error("{0}")]
+    NotFound(String),
+    /// The method is not one this endpoint takes.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The request conflicts with the cluster's current state (a job runs, a node exists, ...).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request body is larger than the proxy accepts.
+    #[error("request body too large: the limit is {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// The node that owns the data did not accept a connection.
+    #[error("node {node} is unavailable: {reason}")]
+    ShardUnavailable { node: String, reason: String },
+    /// The node that owns the data did not answer in time.
+    #[error("node {node} did not answer within {}ms", after.as_millis())]
+    ShardTimeout { node: String, after: Duration },
+    /// A node answered with an error; its status and body are passed on unchanged.
+    #[error("node {node} answered {status}")]
+    Node {
+        node: String,
+        status: StatusCode,
+        body: Bytes,
+    },
+    /// A node answered 200 with a body the proxy cannot read: a version mismatch or a bug.
+    #[error("node {node} sent an answer the proxy cannot read: {reason}")]
+    BadNodeAnswer { node: String, reason: String },
+    /// The cluster has no node that could serve the request.
+    #[error("the cluster has no nodes: add one with `shardlite nodes add ID URL`")]
+    NoNodes,
+    /// The proxy's own state file failed.
+    #[error("state file: {0}")]
+    State(#[from] rusqlite::Error),
+}
+
+pub type ProxyResult<T> = Result<T, ProxyError>;
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownTable(_) | ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Conflict(_) => StatusCode::CONFLICT,
+            ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ShardUnavailable { .. } | ProxyError::NoNodes => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::ShardTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Node { status, .. } => *status,
+            ProxyError::BadNodeAnswer { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The message a client sees; a node's own error message is unwrapped from its body.
+    pub fn message(&self) -> String {
+        match self {
+            ProxyError::Node { node, body, .. } => node_error_message(node, body),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The `error` text of a node's answer, or a description of it if it is not the usual shape.
+pub fn node_error_message(node: &str, body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| {
+            format!(
+                "node {node} failed: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            )
+        })
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self.message(), "request failed");
+        }
+        let retry = matches!(
+            self,
+            ProxyError::ShardUnavailable { .. } | ProxyError::NoNodes
+        );
+        let mut response = (status, error_body(&self.message())).into_response();
+        if retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+pub fn error_body(message: &str) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "error": message }))
+}
+
+impl From<PathRejection> for ProxyError {
+    fn from(rejection: PathRejection) -> Self {
+        ProxyError::BadRequest(format!("invalid path: {}", rejection.body_text()))
+    }
+}
+
+impl From<QueryRejection> for ProxyError {
+    fn from(rejection: QueryRejection) -> Self {
+        ProxyError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
+    }
+}
