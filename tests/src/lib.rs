@@ -1,0 +1,334 @@
+//! The end-to-end test harness: real proxies and nodes on 127.0.0.1 port 0, each with its own
+//! temp directory, shut down and removed when the harness drops.
+//!
+//! Two ways to run a server:
+//! - in-process ([`TestCluster::start`]): the proxy and nodes run as tasks of the test's tokio
+//!   runtime; fast, and what most scenarios use.
+//! - as real `shardlite` processes ([`Spawned`]): for fault tests that `kill -9` a server.
+//!   [`shardlite_bin`] builds the binary once per test run.
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+use shardlite::upstream::{Upstream, UpstreamConfig};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use http;
+pub use serde_json;
+
+/// The workspace's sample migrations.
+pub fn sample_migrations() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("migrations")
+}
+
+/// A JSON client for the proxy's (or a node's) HTTP API.
+#[derive(Clone)]
+pub struct Client {
+    upstream: Upstream,
+    pub base: String,
+}
+
+impl Client {
+    pub fn new(base: impl Into<String>) -> Client {
+        Client {
+            upstream: Upstream::new(UpstreamConfig {
+                connect_timeout: Duration::from_secs(2),
+                request_timeout: Duration::from_secs(60),
+            }),
+            base: base.into(),
+        }
+    }
+
+    /// Sends a request; the body, if any, is JSON. Returns the status and the JSON answer
+    /// (`Value::Null` for an empty body, a string for a body that is not JSON).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).unwrap()));
+        self.raw(method, path, body).await
+    }
+
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> (StatusCode, Value) {
+        match self.try_raw(method.clone(), path, body).await {
+            Ok(answer) => answer,
+            Err(e) => panic!("{method} {}{path}: {}", self.base, e.message()),
+        }
+    }
+
+    /// Like [`Client::raw`], but a refused connection or a timeout is an `Err`.
+    pub async fn try_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<(StatusCode, Value), shardlite::error::ProxyError> {
+        let reply = self
+            .upstream
+            .call("test", method, &self.base, path, body)
+            .await?;
+        let value = if reply.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&reply.body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&reply.body).into()))
+        };
+        Ok((reply.status, value))
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::DELETE, path, None).await
+    }
+
+    /// `GET /v1/tables/{table}/rows/{key}`, the key percent-encoded.
+    pub fn row_path(table: &str, key: &str) -> String {
+        format!(
+            "/v1/tables/{table}/rows/{}",
+            shardlite::routing::encode_segment(key)
+        )
+    }
+}
+
+/// A node running as a task of the test's runtime.
+pub struct InProcessNode {
+    pub id: String,
+    pub url: String,
+    pub db: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl InProcessNode {
+    /// Opens `db` and serves it on a fresh 127.0.0.1 port.
+    pub async fn start(id: &str, db: PathBuf) -> InProcessNode {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(id, db, listener).await
+    }
+
+    pub async fn start_on(id: &str, db: PathBuf, listener: TcpListener) -> InProcessNode {
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = shardlite_node::NodeState::open(shardlite_node::NodeConfig::new(&db))
+            .expect("a node opens its SQLite file");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(shardlite_node::serve(listener, state, async {
+            let _ = stopped.await;
+        }));
+        InProcessNode {
+            id: id.to_owned(),
+            url,
+            db,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops serving and waits for the server to finish.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// A proxy and its nodes, all in-process.
+pub struct TestCluster {
+    pub dir: TempDir,
+    pub nodes: Vec<InProcessNode>,
+    pub proxy: shardlite::ProxyState,
+    pub url: String,
+    pub client: Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestCluster {
+    /// `n` nodes named n1..nN, a proxy seeded with them, the sample migrations applied.
+    pub async fn start(n: usize) -> TestCluster {
+        let cluster = Self::start_bare(n).await;
+        let set = shardlite::migrate::read_dir(&sample_migrations()).unwrap();
+        let (status, body) = cluster
+            .client
+            .post("/v1/cluster/migrations", json!({ "migrations": set }))
+            .await;
+        assert_eq!(status, StatusCode::OK, "sample migrations: {body}");
+        cluster
+    }
+
+    /// Like [`TestCluster::start`] with no migrations applied.
+    pub async fn start_bare(n: usize) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let id = format!("n{i}");
+            let db = dir.path().join(format!("{id}.db"));
+            nodes.push(InProcessNode::start(&id, db).await);
+        }
+        let mut config = shardlite::ProxyConfig::new(dir.path().join("proxy.db"));
+        config.seed_nodes = nodes
+            .iter()
+            .map(|n| (n.id.clone(), n.url.clone()))
+            .collect();
+        config.upstream = UpstreamConfig {
+            connect_timeout: Duration::from_millis(500),
+            request_timeout: Duration::from_secs(10),
+        };
+        let proxy = shardlite::ProxyState::open(config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(shardlite::serve(listener, proxy.clone(), async {
+            let _ = stopped.await;
+        }));
+        TestCluster {
+            dir,
+            nodes,
+            proxy,
+            client: Client::new(&url),
+            url,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn node(&self, id: &str) -> &InProcessNode {
+        self.nodes.iter().find(|n| n.id == id).expect("known node")
+    }
+
+    /// Stops the proxy and every node.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        for node in &mut self.nodes {
+            node.stop().await;
+        }
+    }
+}
+
+/// Every key of `table` stored in a node's SQLite file, read directly from the file.
+pub fn keys_in_file(db: &Path, table: &str) -> Vec<String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare(&format!("SELECT CAST(id AS TEXT) FROM \"{table}\""))
+        .unwrap();
+    stmt.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// The `shardlite` binary of this workspace, built once per test process (same profile).
+pub fn shardlite_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "shardlite", "--bin", "shardlite"]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building the shardlite binary failed");
+        // The test executable lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .unwrap()
+            .join(format!("shardlite{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.exists(), "no binary at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A `shardlite` process (node or proxy), killed with SIGKILL when dropped.
+pub struct Spawned {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`, read from the server's first line of output.
+    pub url: String,
+}
+
+impl Spawned {
+    /// Runs `shardlite ARGS...` (it must be a server started with `--listen 127.0.0.1:0` or a
+    /// fixed port) and waits for its `listening on` line.
+    pub fn start(args: &[&str]) -> Spawned {
+        let mut child = Command::new(shardlite_bin())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("shardlite starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.split("listening on ").nth(1) {
+                        break url.trim().to_owned();
+                    }
+                }
+                other => panic!("shardlite {args:?} exited before listening: {other:?}"),
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Spawned { child, url }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

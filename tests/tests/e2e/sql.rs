@@ -1,0 +1,103 @@
+use serde_json::json;
+use shardlite_tests::{Client, TestCluster};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_statement_list_is_one_transaction_on_the_keys_shard() {
+    let cluster = TestCluster::start(3).await;
+    let c = &cluster.client;
+    let ok = c
+        .post(
+            "/v1/sql",
+            json!({ "key": "carol", "statements": [
+                { "sql": "INSERT INTO users (id, name) VALUES (?, ?)", "params": ["carol", "Carol"] },
+                { "sql": "UPDATE users SET age = ? WHERE id = ?", "params": [40, "carol"] },
+            ]}),
+        )
+        .await;
+    assert_eq!(ok.0, 200, "{}", ok.1);
+    assert_eq!(ok.1["results"][0]["rows_affected"], 1);
+    let (_, row) = c.get(&Client::row_path("users", "carol")).await;
+    assert_eq!(
+        (row["name"].clone(), row["age"].clone()),
+        (json!("Carol"), json!(40))
+    );
+
+    // The second statement fails: the first must not stay applied.
+    let (status, body) = c
+        .post(
+            "/v1/sql",
+            json!({ "key": "dave", "statements": [
+                { "sql": "INSERT INTO users (id, name) VALUES (?, ?)", "params": ["dave", "Dave"] },
+                { "sql": "INSERT INTO no_such_table VALUES (1)" },
+            ]}),
+        )
+        .await;
+    assert!(status.is_client_error(), "{status} {body}");
+    assert_eq!(
+        c.get(&Client::row_path("users", "dave")).await.0,
+        404,
+        "rolled back"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_read_gathers_every_shards_rows() {
+    let cluster = TestCluster::start(3).await;
+    let c = &cluster.client;
+    let rows: Vec<_> = (0..60)
+        .map(|i| json!({ "id": format!("k{i:02}"), "age": i }))
+        .collect();
+    assert_eq!(
+        c.post("/v1/tables/users/rows", json!({ "rows": rows }))
+            .await
+            .0,
+        200
+    );
+    let (status, answer) = c
+        .post(
+            "/v1/sql",
+            json!({ "sql": "SELECT id, age FROM users WHERE age >= ?", "params": [10] }),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let result = &answer["results"][0];
+    assert_eq!(result["columns"], json!(["id", "age"]));
+    let mut ids: Vec<String> = result["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    let expected: Vec<String> = (10..60).map(|i| format!("k{i:02}")).collect();
+    assert_eq!(ids, expected, "rows from all three shards, each once");
+
+    for write in [
+        json!({ "sql": "INSERT INTO users (id) VALUES ('x')" }),
+        json!({ "sql": "DELETE FROM users" }),
+        json!({ "sql": "UPDATE users SET age = 0" }),
+    ] {
+        let (status, body) = c.post("/v1/sql", write.clone()).await;
+        assert_eq!(status, 400, "{write}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("key"),
+            "says a write needs a key: {body}"
+        );
+    }
+    let (status, body) = c
+        .post("/v1/sql", json!({ "statements": [{ "sql": "SELECT 1" }] }))
+        .await;
+    assert_eq!(status, 400, "a statement list without a key: {body}");
+    let (_, count) = c
+        .post("/v1/sql", json!({ "sql": "SELECT count(*) FROM users" }))
+        .await;
+    let total: i64 = count["results"][0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, 60, "no keyless write changed anything");
+    cluster.stop().await;
+}
