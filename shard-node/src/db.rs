@@ -11,6 +11,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::config::{NodeConfig, Synchronous};
 use crate::error::NodeError;
+use crate::fence;
 use crate::guard;
 use crate::migrate;
 
@@ -52,6 +53,7 @@ impl Db {
                 });
             }
             migrate::create_ledger(&conn).map_err(open_error)?;
+            fence::create_table(&conn).map_err(open_error)?;
         }
         let settings = Settings {
             synchronous: config.synchronous,

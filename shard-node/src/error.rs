@@ -17,6 +17,9 @@ pub use crate::guard::Denial;
 use crate::key::KeyError;
 use crate::value::ValueError;
 
+/// The response header that marks a refusal by a fence (409).
+pub const FENCED_HEADER: &str = "x-shardlite-fenced";
+
 /// Everything that can go wrong in a node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -62,6 +65,22 @@ pub enum NodeError {
     StatementTimeout(Duration),
     #[error("{0}")]
     MigrationConflict(String),
+    /// A client write touched a key in a fenced range (a rebalance is moving it).
+    #[error(
+        "key {0} is in a range that is moving to another node (rebalance in progress); retry shortly"
+    )]
+    Fenced(String),
+    /// Two sharded tables would get capture triggers of the same name (a table named like
+    /// another's hex escape, `x3d` beside `=`).
+    #[error(
+        "cannot capture changes: tables {first:?} and {second:?} would share the capture \
+         trigger name {trigger:?}; rename one of them"
+    )]
+    CaptureNameClash {
+        first: String,
+        second: String,
+        trigger: String,
+    },
     #[error("{0}")]
     InvalidMigration(String),
     #[error("migration {version} ({name}) failed: {message}")]
@@ -114,7 +133,9 @@ impl NodeError {
             | NodeError::UnknownTable(_)
             | NodeError::RowNotFound { .. } => StatusCode::NOT_FOUND,
             NodeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            NodeError::MigrationConflict(_) => StatusCode::CONFLICT,
+            NodeError::MigrationConflict(_)
+            | NodeError::Fenced(_)
+            | NodeError::CaptureNameClash { .. } => StatusCode::CONFLICT,
             NodeError::StatementTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             NodeError::Sql(e) => sqlite_status(e, true),
             NodeError::Sqlite(e) => sqlite_status(e, false),
@@ -158,7 +179,16 @@ impl IntoResponse for NodeError {
         } else {
             tracing::debug!(status = status.as_u16(), error = %message, "request refused");
         }
-        (status, Json(json!({ "error": message }))).into_response()
+        match self {
+            // The proxy tells a fence from other conflicts by the header, without parsing.
+            NodeError::Fenced(_) => (
+                status,
+                [(FENCED_HEADER, "1")],
+                Json(json!({ "error": message, "fenced": true })),
+            )
+                .into_response(),
+            _ => (status, Json(json!({ "error": message }))).into_response(),
+        }
     }
 }
 

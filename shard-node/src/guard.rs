@@ -18,6 +18,9 @@ use rusqlite::Connection;
 use rusqlite::ffi;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 
+// The change log, which capture triggers (and only they) may insert into.
+use crate::transfer::{CAPTURE_TRIGGER_PREFIX, CHANGES_TABLE as CHANGE_LOG};
+
 /// Whose SQL is being prepared or stepped on this thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -151,12 +154,6 @@ const FORBIDDEN_FUNCTIONS: &[&str] = &["load_extension", "fts3_tokenizer"];
 
 /// Prefix of the node's own tables.
 pub(crate) const INTERNAL_PREFIX: &str = "_shardlite_";
-
-/// The change log, which capture triggers (and only they) may insert into.
-const CHANGE_LOG: &str = "_shardlite_changes";
-
-/// Prefix of the capture triggers' names.
-const CAPTURE_TRIGGER_PREFIX: &str = "_shardlite_capture_";
 
 thread_local! {
     static MODE: Cell<Mode> = const { Cell::new(Mode::Internal) };

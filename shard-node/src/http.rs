@@ -1,8 +1,10 @@
 //! The HTTP face of a node: handlers, the router and `serve`.
 //!
 //! Handlers only read the request, find the table in the cached schema, and hand the work to
-//! a blocking thread through `NodeState::write` or `NodeState::read`. Every error, including a
-//! body axum cannot parse, comes back as `{"error": "..."}`.
+//! a blocking thread through `NodeState::write` or `NodeState::read`. Every client write runs
+//! inside `fence::write`, which checks the fences after `BEGIN IMMEDIATE`. Every error,
+//! including a body axum cannot parse, comes back as `{"error": "..."}`. The rebalance
+//! endpoints (`/v1/transfer/*`) are in [`transfer`].
 
 use std::future::Future;
 
@@ -17,6 +19,7 @@ use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
 use crate::error::NodeError;
+use crate::fence;
 use crate::key::ShardKey;
 use crate::migrate::{self, MigrateRequest, MigrateResponse, MigrationsResponse};
 use crate::rows::{
@@ -46,6 +49,7 @@ pub fn router(state: NodeState) -> Router {
             "/v1/migrations",
             get(list_migrations).post(apply_migrations),
         )
+        .merge(transfer::routes())
         .fallback(unknown_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
         // The JSON extractor enforces it, so an oversized body is a 413 with a JSON body.
@@ -120,7 +124,12 @@ async fn put_row(
     let key = ShardKey::from_text(&key, table.key_affinity)?;
     let row = rows::validate(&table, &body, Some(&key), 0)?;
     let table = state
-        .write(move |_, conn| rows::upsert(conn, &table, &row).map(|()| table))
+        .write(move |state, conn| {
+            fence::write(state, conn, [row.key().routing_text()], |conn| {
+                rows::upsert(conn, &table, &row)
+            })
+            .map(|()| table)
+        })
         .await?;
     Ok(Json(PutRowResponse {
         table: table.name,
@@ -148,7 +157,11 @@ async fn delete_row(
     let table = state.table(&table)?;
     let key = ShardKey::from_text(&key, table.key_affinity)?;
     let deleted = state
-        .write(move |_, conn| rows::delete(conn, &table, &key))
+        .write(move |state, conn| {
+            fence::write(state, conn, [key.routing_text()], |conn| {
+                rows::delete(conn, &table, &key)
+            })
+        })
         .await?;
     Ok(Json(DeleteRowResponse { deleted }))
 }
@@ -167,7 +180,13 @@ async fn upsert_rows(
         .map(|(index, row)| rows::validate(&table, row, None, index))
         .collect::<Result<Vec<_>, _>>()?;
     let upserted = state
-        .write(move |_, conn| rows::upsert_all(conn, &table, &valid))
+        .write(move |state, conn| {
+            // If any row's key is fenced, the whole batch is refused.
+            let keys = valid.iter().map(|row| row.key().routing_text());
+            fence::write(state, conn, keys, |conn| {
+                rows::upsert_all(conn, &table, &valid)
+            })
+        })
         .await?;
     Ok(Json(UpsertRowsResponse { upserted }))
 }
@@ -177,6 +196,7 @@ async fn run_sql(
     JsonBody(request): JsonBody<SqlRequest>,
 ) -> Result<Json<SqlResponse>, NodeError> {
     let readonly = request.readonly;
+    let key = request.key.clone();
     let statements = request.into_statements()?;
     let config = state.config();
     let limits = Limits {
@@ -184,21 +204,29 @@ async fn run_sql(
         max_rows: config.max_result_rows,
         max_bytes: config.max_result_bytes,
     };
-    let work = move |_: &NodeState, conn: &rusqlite::Connection| {
-        sql::run(conn, &statements, readonly, limits)
-    };
     let results = if readonly {
-        state.read(work).await?
+        // Reads are never fenced.
+        state
+            .read(move |_, conn| sql::read(conn, &statements, limits))
+            .await?
     } else {
-        state.write(work).await?
+        state
+            .write(move |state, conn| {
+                fence::write(state, conn, key, |conn| {
+                    sql::write(conn, &statements, limits)
+                })
+            })
+            .await?
     };
     Ok(Json(SqlResponse { results }))
 }
 
 async fn stats(State(state): State<NodeState>) -> Result<Json<StatsResponse>, NodeError> {
-    let stats = state
+    let mut stats = state
         .read(|state, conn| Ok(stats::collect(conn, &state.schema())?))
         .await?;
+    stats.capturing = state.capturing();
+    stats.fences = state.fences().list.len();
     Ok(Json(stats))
 }
 
@@ -262,6 +290,8 @@ async fn method_not_allowed(method: Method, uri: Uri) -> NodeError {
         path: uri.path().to_owned(),
     }
 }
+
+mod transfer;
 
 #[cfg(test)]
 mod tests;

@@ -5,10 +5,16 @@
 //! 64-bit integer, written in canonical decimal when it comes as text (`42`, `-7`, never `042`,
 //! `+1`, `4.0` or ` 1`), so one row has exactly one spelling and so one owner. For every other
 //! affinity a key is text, and a JSON integer is taken as its decimal text.
+//!
+//! A key already stored in SQLite has a routing text too ([`routing_text_of`]): an INTEGER is
+//! its decimal text, a TEXT itself. A REAL, BLOB or NULL key has none: no [`ShardKey`] can
+//! spell it, so the proxy never routes to it, and a rebalance never matches it against a hash
+//! range (such rows stay where they are).
 
 use std::borrow::Cow;
 use std::fmt;
 
+use rusqlite::types::ValueRef;
 use serde::{Deserialize, Serialize, Serializer};
 
 /// Longest key accepted, in bytes of its text form.
@@ -144,6 +150,34 @@ impl Serialize for ShardKey {
     }
 }
 
+/// The routing text of a key as SQLite stores it: INTEGER `i` → `i.to_string()`, TEXT `s` →
+/// `s`. REAL, BLOB and NULL keys (and TEXT that is not UTF-8) have none, so hash ranges never
+/// match them: the rows stay on the node that holds them.
+pub fn routing_text_of(v: ValueRef<'_>) -> Option<String> {
+    match v {
+        ValueRef::Integer(i) => Some(i.to_string()),
+        ValueRef::Text(t) => std::str::from_utf8(t).ok().map(str::to_owned),
+        ValueRef::Null | ValueRef::Real(_) | ValueRef::Blob(_) => None,
+    }
+}
+
+/// `hash_key(&routing_text_of(v)?)`, without allocating: scans hash every key of a table.
+pub fn routing_hash_of(v: ValueRef<'_>) -> Option<u32> {
+    match v {
+        ValueRef::Integer(i) => {
+            use std::io::Write as _;
+            // i64::MIN is 20 characters.
+            let mut buf = [0u8; 20];
+            let mut rest = &mut buf[..];
+            write!(rest, "{i}").expect("an i64 fits in 20 bytes");
+            let len = 20 - rest.len();
+            Some(shardlite_ring::hash(&buf[..len]))
+        }
+        ValueRef::Text(t) => std::str::from_utf8(t).ok().map(shardlite_ring::hash_key),
+        ValueRef::Null | ValueRef::Real(_) | ValueRef::Blob(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +303,32 @@ mod tests {
             serde_json::to_value(ShardKey::Text("3".into())).unwrap(),
             json!("3")
         );
+    }
+
+    #[test]
+    fn stored_keys_route_like_request_keys() {
+        use shardlite_ring::hash_key;
+        for i in [0, 42, -7, i64::MAX, i64::MIN] {
+            let v = ValueRef::Integer(i);
+            assert_eq!(
+                routing_text_of(v),
+                Some(ShardKey::Integer(i).routing_text().into())
+            );
+            assert_eq!(routing_hash_of(v), Some(hash_key(&i.to_string())));
+        }
+        for s in ["", "u1", "héllo/ wörld", "42"] {
+            let v = ValueRef::Text(s.as_bytes());
+            assert_eq!(routing_text_of(v).as_deref(), Some(s));
+            assert_eq!(routing_hash_of(v), Some(hash_key(s)));
+        }
+        for v in [
+            ValueRef::Null,
+            ValueRef::Real(1.5),
+            ValueRef::Blob(b"u1"),
+            ValueRef::Text(&[0xff, 0xfe]),
+        ] {
+            assert_eq!(routing_text_of(v), None);
+            assert_eq!(routing_hash_of(v), None);
+        }
     }
 }

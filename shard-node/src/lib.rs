@@ -1,8 +1,10 @@
 //! A shardlite shard node: one SQLite file served over HTTP to the proxy.
 //!
 //! The proxy owns routing; a node owns one database file and answers the internal API written
-//! down in `docs/node-api.md`: keyed row operations, client SQL, a key scan for rebalancing,
-//! statistics and the migration ledger. A node knows nothing about the ring or its peers.
+//! down in `docs/node-api.md`: keyed row operations, client SQL, a key scan, statistics, the
+//! migration ledger, and its part of an online rebalance (change capture, range scans, fences).
+//! A node knows nothing about the ring or its peers: the only ring function it uses is the
+//! key hash, to test stored keys against the hash ranges the proxy sends.
 //!
 //! # Design
 //!
@@ -31,6 +33,15 @@
 //! between requests (temporary objects, an open transaction) is reported broken to r2d2 at
 //! check-in, so the pool drops it instead of lending it out again.
 //!
+//! **Rebalance.** While a range moves, the proxy has the source capture changes (triggers
+//! that log every written key into `_shardlite_changes`) and, for the final drain, puts a
+//! *fence* on the range. Every client write runs in one transaction that checks the fences
+//! after `BEGIN IMMEDIATE`, holding the single writer, and, when capture is on, checks the
+//! keys it logged before `COMMIT`; a fence is stored by a transaction on that same writer.
+//! So no write admitted before a fence commits after it (the Vitess #9400 lesson), and a
+//! fenced key is answered 409 `{"fenced": true}`. Fences survive a restart; the in-memory
+//! copy changes only while the writer is held.
+//!
 //! **Schema.** Sharded tables are read from the live schema at open and after every
 //! migration, and cached; row operations only ever name tables and columns found there.
 //!
@@ -44,6 +55,8 @@
 //! - [`value`]: JSON ⇄ SQLite values as the contract maps them.
 //! - [`schema`]: which tables are sharded, their key and columns.
 //! - [`rows`]: keyed row operations and the key scan.
+//! - [`fence`]: hash ranges, fences, and the one transaction every client write runs in.
+//! - [`transfer`]: change capture, range scans and counts, fetch, apply, purge.
 //! - [`sql`]: client SQL, keyed (writer, one transaction) or read-only (a reader).
 //! - [`migrate`]: the migration ledger and applying migrations.
 //! - [`stats`]: row counts and file size.
@@ -53,6 +66,7 @@
 pub mod config;
 mod db;
 pub mod error;
+pub mod fence;
 mod guard;
 mod http;
 pub mod key;
@@ -62,6 +76,7 @@ pub mod schema;
 pub mod sql;
 pub mod state;
 pub mod stats;
+pub mod transfer;
 pub mod value;
 
 pub use config::{NodeConfig, Synchronous};

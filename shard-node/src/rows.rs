@@ -9,7 +9,6 @@ use rusqlite::types::Value as SqlValue;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::db::rollback;
 use crate::error::NodeError;
 use crate::key::ShardKey;
 use crate::schema::{TableSchema, quote};
@@ -71,6 +70,12 @@ pub(crate) struct ValidRow {
     values: Vec<(usize, SqlValue)>,
 }
 
+impl ValidRow {
+    pub(crate) fn key(&self) -> &ShardKey {
+        &self.key
+    }
+}
+
 /// Checks one row object: known columns, storable values, and a key that agrees with
 /// `path_key` (PUT) or is present (batch row `index`).
 pub(crate) fn validate(
@@ -124,16 +129,31 @@ pub(crate) fn validate(
 
 /// `INSERT ... ON CONFLICT (key) DO UPDATE SET` the named columns only.
 fn upsert_sql(table: &TableSchema, columns: &[usize]) -> String {
+    upsert_sql_setting(table, columns, columns)
+}
+
+/// `INSERT` the named columns `ON CONFLICT (key) DO UPDATE SET` every non-key column to its
+/// `excluded` value: the stored row becomes exactly the one a fresh insert would make (unnamed
+/// columns take their defaults). Not `REPLACE`, which deletes first and fires delete triggers.
+fn whole_row_sql(table: &TableSchema, columns: &[usize]) -> String {
+    let every: Vec<usize> = (0..table.columns.len())
+        .filter(|&i| table.columns[i] != table.key)
+        .collect();
+    upsert_sql_setting(table, columns, &every)
+}
+
+fn upsert_sql_setting(table: &TableSchema, columns: &[usize], set: &[usize]) -> String {
     let key = quote(&table.key);
     let names: Vec<String> = columns.iter().map(|&i| quote(&table.columns[i])).collect();
     let mut all = vec![key.clone()];
     all.extend(names.iter().cloned());
     let placeholders: Vec<String> = (1..=all.len()).map(|i| format!("?{i}")).collect();
-    let action = if names.is_empty() {
+    let action = if set.is_empty() {
         "DO NOTHING".to_owned()
     } else {
-        let sets: Vec<String> = names
+        let sets: Vec<String> = set
             .iter()
+            .map(|&i| quote(&table.columns[i]))
             .map(|n| format!("{n} = excluded.{n}"))
             .collect();
         format!("DO UPDATE SET {}", sets.join(", "))
@@ -146,35 +166,42 @@ fn upsert_sql(table: &TableSchema, columns: &[usize]) -> String {
     )
 }
 
-/// Writes one validated row.
+/// Writes one validated row: inserts it, or updates only the columns it names.
 pub(crate) fn upsert(
     conn: &Connection,
     table: &TableSchema,
     row: &ValidRow,
 ) -> Result<(), NodeError> {
     let columns: Vec<usize> = row.values.iter().map(|(i, _)| *i).collect();
-    let mut stmt = conn.prepare_cached(&upsert_sql(table, &columns))?;
+    execute_upsert(conn, &upsert_sql(table, &columns), row)
+}
+
+/// Writes one validated row whole: every column not named takes its default, on insert and
+/// on update alike (how a rebalance copies a row).
+pub(crate) fn upsert_whole(
+    conn: &Connection,
+    table: &TableSchema,
+    row: &ValidRow,
+) -> Result<(), NodeError> {
+    let columns: Vec<usize> = row.values.iter().map(|(i, _)| *i).collect();
+    execute_upsert(conn, &whole_row_sql(table, &columns), row)
+}
+
+fn execute_upsert(conn: &Connection, sql: &str, row: &ValidRow) -> Result<(), NodeError> {
+    let mut stmt = conn.prepare_cached(sql)?;
     let params = std::iter::once(row.key.to_sql()).chain(row.values.iter().map(|(_, v)| v.clone()));
     stmt.execute(rusqlite::params_from_iter(params))?;
     Ok(())
 }
 
-/// Writes validated rows in one transaction: all or nothing.
+/// Writes validated rows inside the caller's transaction.
 pub(crate) fn upsert_all(
     conn: &Connection,
     table: &TableSchema,
     rows: &[ValidRow],
 ) -> Result<usize, NodeError> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
     for row in rows {
-        if let Err(e) = upsert(conn, table, row) {
-            rollback(conn);
-            return Err(e);
-        }
-    }
-    if let Err(e) = conn.execute_batch("COMMIT") {
-        rollback(conn);
-        return Err(e.into());
+        upsert(conn, table, row)?;
     }
     Ok(rows.len())
 }
@@ -197,6 +224,11 @@ pub(crate) fn get(
     };
     // Names come from the statement as stepped: a cached `SELECT *` is re-prepared by the
     // step after a migration added a column, and only then names it.
+    Ok(object_of(row)?)
+}
+
+/// A stepped row as a JSON object, named by the statement's columns.
+pub(crate) fn object_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Map<String, Value>> {
     let mut object = Map::new();
     for (i, name) in row.as_ref().column_names().into_iter().enumerate() {
         object.insert(name.to_owned(), sql_to_json(row.get_ref(i)?));
@@ -287,6 +319,16 @@ mod tests {
         assert_eq!(
             upsert_sql(&users(), &[]),
             "INSERT INTO \"users\" (\"id\") VALUES (?1) ON CONFLICT (\"id\") DO NOTHING"
+        );
+    }
+
+    #[test]
+    fn whole_row_sql_sets_every_column() {
+        assert_eq!(
+            whole_row_sql(&users(), &[2]),
+            "INSERT INTO \"users\" (\"id\", \"email\") VALUES (?1, ?2) \
+             ON CONFLICT (\"id\") DO UPDATE SET \"name\" = excluded.\"name\", \
+             \"email\" = excluded.\"email\""
         );
     }
 

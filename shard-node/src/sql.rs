@@ -1,7 +1,8 @@
 //! Client SQL: `POST /v1/sql`.
 //!
-//! Keyed SQL runs on the writer inside `BEGIN IMMEDIATE ... COMMIT`; keyless SQL
-//! (`readonly: true`) on a read-only connection. Either way client text is prepared and
+//! Keyed SQL runs on the writer inside the one client write transaction of
+//! `fence::write` (`BEGIN IMMEDIATE`, fence checks, `COMMIT`); keyless
+//! SQL (`readonly: true`) on a read-only connection. Either way client text is prepared and
 //! stepped inside a guard `Scope` that makes the authorizer judge it as client SQL and arms the
 //! statement deadline, and it is never `prepare_cached`: the authorizer decides at prepare
 //! time, and a cached statement would keep an old decision.
@@ -29,6 +30,10 @@ pub struct SqlRequest {
     /// Run on a read-only connection; the proxy sets it for keyless SQL.
     #[serde(default)]
     pub readonly: bool,
+    /// The routing text of the key the proxy routed a keyed request by. A write is refused
+    /// (409) if it is fenced; reads ignore it.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 /// One statement of a `statements` list.
@@ -92,47 +97,58 @@ pub(crate) struct Limits {
     pub(crate) max_bytes: usize,
 }
 
-/// Runs client statements as one transaction (`readonly`: on a reader, writes refused).
-pub(crate) fn run(
+/// Runs keyless client statements on a reader, writes refused; a list reads one snapshot.
+pub(crate) fn read(
     conn: &Connection,
     statements: &[SqlStatement],
-    readonly: bool,
     limits: Limits,
 ) -> Result<Vec<StatementResult>, NodeError> {
-    let deadline = Instant::now() + limits.timeout;
-    let mode = if readonly {
-        Mode::ClientReadOnly
-    } else {
-        Mode::Client
-    };
-    // A single read needs no transaction of its own; a list reads one snapshot.
-    let transaction = !readonly || statements.len() > 1;
+    // A single read needs no transaction of its own.
+    let transaction = statements.len() > 1;
     if transaction {
-        conn.execute_batch(if readonly { "BEGIN" } else { "BEGIN IMMEDIATE" })?;
+        conn.execute_batch("BEGIN")?;
     }
-    let mut budget = Budget {
-        rows: 0,
-        bytes: 0,
-        limits,
-    };
-    let mut results = Vec::with_capacity(statements.len());
-    for statement in statements {
-        match run_one(conn, statement, mode, deadline, &mut budget) {
-            Ok(result) => results.push(result),
-            Err(e) => {
-                rollback(conn);
-                return Err(e);
-            }
+    let results = match run_all(conn, statements, Mode::ClientReadOnly, limits) {
+        Ok(results) => results,
+        Err(e) => {
+            rollback(conn);
+            return Err(e);
         }
-    }
+    };
     if transaction {
         if let Err(e) = conn.execute_batch("COMMIT") {
-            // A deferred foreign key, say: the client's data, so a client error.
             rollback(conn);
             return Err(client_error(e, limits.timeout));
         }
     }
     Ok(results)
+}
+
+/// Runs keyed client statements on the writer, inside the caller's transaction.
+pub(crate) fn write(
+    conn: &Connection,
+    statements: &[SqlStatement],
+    limits: Limits,
+) -> Result<Vec<StatementResult>, NodeError> {
+    run_all(conn, statements, Mode::Client, limits)
+}
+
+fn run_all(
+    conn: &Connection,
+    statements: &[SqlStatement],
+    mode: Mode,
+    limits: Limits,
+) -> Result<Vec<StatementResult>, NodeError> {
+    let deadline = Instant::now() + limits.timeout;
+    let mut budget = Budget {
+        rows: 0,
+        bytes: 0,
+        limits,
+    };
+    statements
+        .iter()
+        .map(|statement| run_one(conn, statement, mode, deadline, &mut budget))
+        .collect()
 }
 
 /// Counts what an answer has grown to.

@@ -17,6 +17,12 @@ pub struct StatsResponse {
     pub bytes: u64,
     /// Rows per sharded table.
     pub tables: BTreeMap<String, u64>,
+    /// Whether change capture is on (a rebalance is copying from this node).
+    #[serde(default)]
+    pub capturing: bool,
+    /// Fenced ranges in force.
+    #[serde(default)]
+    pub fences: usize,
 }
 
 pub(crate) fn collect(conn: &Connection, schema: &Schema) -> rusqlite::Result<StatsResponse> {
@@ -32,5 +38,8 @@ pub(crate) fn collect(conn: &Connection, schema: &Schema) -> rusqlite::Result<St
         rows: tables.values().sum(),
         bytes: u64::try_from(pages * page_size).unwrap_or(0),
         tables,
+        // The caller fills these in from the node's state.
+        capturing: false,
+        fences: 0,
     })
 }

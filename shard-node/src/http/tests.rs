@@ -18,18 +18,42 @@ const COUNTERS: &str =
     "CREATE TABLE counters (id INTEGER PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0);";
 
 /// A node on a temp dir; the dir lives as long as the node.
-struct TestNode {
-    dir: TempDir,
+pub(crate) struct TestNode {
+    pub(crate) dir: TempDir,
+    pub(crate) state: NodeState,
+}
+
+/// Sends one request to a node's router: status, headers and the JSON body.
+pub(crate) async fn send(
     state: NodeState,
+    method: &str,
+    uri: &str,
+    body: Option<String>,
+) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let builder = Request::builder().method(method).uri(uri);
+    let request = match body {
+        Some(body) => builder
+            .header("content-type", "application/json")
+            .body(Body::from(body)),
+        None => builder.body(Body::empty()),
+    }
+    .unwrap();
+    let response = router(state).oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
+    (status, headers, json)
 }
 
 impl TestNode {
     /// A node with `users` and `counters`, migrated through the API.
-    async fn new() -> TestNode {
+    pub(crate) async fn new() -> TestNode {
         TestNode::with_config(|_| {}).await
     }
 
-    async fn with_config(change: impl FnOnce(&mut NodeConfig)) -> TestNode {
+    pub(crate) async fn with_config(change: impl FnOnce(&mut NodeConfig)) -> TestNode {
         let node = TestNode::empty(change);
         let (status, body) = node
             .call("POST", "/v1/migrations", Some(migrations()))
@@ -38,7 +62,7 @@ impl TestNode {
         node
     }
 
-    fn empty(change: impl FnOnce(&mut NodeConfig)) -> TestNode {
+    pub(crate) fn empty(change: impl FnOnce(&mut NodeConfig)) -> TestNode {
         let dir = tempfile::tempdir().unwrap();
         let mut config = NodeConfig::new(dir.path().join("node.db"));
         change(&mut config);
@@ -46,47 +70,45 @@ impl TestNode {
         TestNode { dir, state }
     }
 
-    async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub(crate) async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let body = body.map(|b| b.to_string());
         self.call_raw(method, uri, body).await
     }
 
-    async fn call_raw(&self, method: &str, uri: &str, body: Option<String>) -> (StatusCode, Value) {
-        let builder = Request::builder().method(method).uri(uri);
-        let request = match body {
-            Some(body) => builder
-                .header("content-type", "application/json")
-                .body(Body::from(body)),
-            None => builder.body(Body::empty()),
-        }
-        .unwrap();
-        let response = router(self.state.clone()).oneshot(request).await.unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let json = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
+    pub(crate) async fn call_raw(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<String>,
+    ) -> (StatusCode, Value) {
+        let (status, _, json) = send(self.state.clone(), method, uri, body).await;
         (status, json)
     }
 
-    async fn sql(&self, body: Value) -> (StatusCode, Value) {
+    pub(crate) async fn sql(&self, body: Value) -> (StatusCode, Value) {
         self.call("POST", "/v1/sql", Some(body)).await
     }
 
     /// The rows of a keyed query, asserting success.
-    async fn query(&self, sql: &str) -> Vec<Value> {
+    pub(crate) async fn query(&self, sql: &str) -> Vec<Value> {
         let (status, body) = self.sql(json!({ "sql": sql })).await;
         assert_eq!(status, StatusCode::OK, "{sql}: {body}");
         body["results"][0]["rows"].as_array().unwrap().clone()
     }
 
-    async fn user_count(&self) -> i64 {
+    pub(crate) async fn user_count(&self) -> i64 {
         self.query("SELECT count(*) FROM users").await[0][0]
             .as_i64()
             .unwrap()
     }
 
     /// The writer is back in autocommit, with no temp objects.
-    fn assert_writer_clean(&self) {
+    pub(crate) fn assert_writer_clean(&self) {
         let conn = self.state.writer_for_test();
         assert!(conn.is_autocommit(), "the writer was left in a transaction");
         let temp: i64 = conn
@@ -96,7 +118,7 @@ impl TestNode {
     }
 }
 
-fn migrations() -> Value {
+pub(crate) fn migrations() -> Value {
     json!({ "migrations": [
         { "version": 1, "name": "users", "sql": USERS },
         { "version": 2, "name": "counters", "sql": COUNTERS },
@@ -116,7 +138,7 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-fn error_of(body: &Value) -> &str {
+pub(crate) fn error_of(body: &Value) -> &str {
     body["error"]
         .as_str()
         .unwrap_or_else(|| panic!("no error message in {body}"))
@@ -150,7 +172,7 @@ async fn schema_lists_sharded_tables_only() {
 
 /// Sends `sql` keyed and keyless; both must be refused with a message containing `expect`,
 /// leave the writer clean and change no data.
-async fn assert_refused(node: &TestNode, sql: &str, expect: &str) {
+pub(crate) async fn assert_refused(node: &TestNode, sql: &str, expect: &str) {
     let before = node.user_count().await;
     for readonly in [false, true] {
         let (status, body) = node.sql(json!({"sql": sql, "readonly": readonly})).await;

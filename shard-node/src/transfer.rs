@@ -1,0 +1,740 @@
+//! The node's part of an online rebalance: change capture, range scans and counts, fetching
+//! and applying rows, purging moved rows, and the fences (`/v1/transfer/*`).
+//!
+//! The proxy runs the protocol of `notes/rebalance.md` (capture → copy → catch-up → fence →
+//! drain → switch → purge); a node only offers the steps, each one a single transaction, each
+//! one safe to repeat after a crash:
+//!
+//! - **Capture** installs `AFTER INSERT/UPDATE/DELETE` triggers on every sharded table that
+//!   append `(seq, tbl, key)` to `_shardlite_changes`, inside the writer's own transaction, so
+//!   every write path is seen: keyed SQL that touches other keys, users' triggers, and the rows
+//!   `INSERT OR REPLACE` deletes on a UNIQUE conflict (those fire delete triggers only because
+//!   every connection runs with `recursive_triggers` on). An UPDATE logs `OLD.key`, and
+//!   `NEW.key` too when the key changed (a key change is a delete plus an insert). `seq` is
+//!   `AUTOINCREMENT`, so it never goes back. The trigger bodies are plain INSERTs of `OLD`/`NEW`
+//!   columns: `trusted_schema` is off, and the authorizer lets client SQL reach the change log
+//!   only through a trigger whose name starts with `_shardlite_capture_`.
+//! - **Scan, count, purge** compute each stored key's ring position in Rust
+//!   ([`routing_hash_of`]) and test it against sorted, merged ranges with a binary search; no
+//!   SQL function is registered. Keys with no routing text (REAL, BLOB, NULL) are never in a
+//!   range. Scans are one statement each (one short read snapshot), paged by key.
+//! - **Apply** writes whole rows with `INSERT ... ON CONFLICT (key) DO UPDATE SET` every column,
+//!   never `REPLACE` (which would delete first and fire delete triggers). Apply and purge are
+//!   the mover's writes: fences do not apply to them.
+//! - **Fences** live in `crate::fence`, which also runs every client write.
+
+use std::collections::{BTreeMap, HashSet};
+
+use rusqlite::Connection;
+use rusqlite::types::Value as SqlValue;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::db::rollback;
+use crate::error::NodeError;
+use crate::fence::{Fence, RangeCounter, Ranges};
+use crate::key::routing_hash_of;
+use crate::rows::{self, ValidRow};
+use crate::schema::{Schema, TableSchema, quote};
+use crate::state::NodeState;
+use crate::value::{BASE64_KEY, json_to_sql, sql_to_json};
+
+/// The change log; created by capture-on, dropped by capture-off.
+pub const CHANGES_TABLE: &str = "_shardlite_changes";
+
+/// Every capture trigger's name starts with this (the authorizer checks the same prefix).
+pub const CAPTURE_TRIGGER_PREFIX: &str = "_shardlite_capture_";
+
+const CHANGES_DDL: &str = "CREATE TABLE IF NOT EXISTS _shardlite_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    key
+)";
+
+/// Changes per page when the request names no limit, and the most per page.
+pub const DEFAULT_CHANGES_LIMIT: usize = 5000;
+pub const MAX_CHANGES_LIMIT: usize = 50_000;
+/// Rows scanned per page when the request names no limit, and the most per page.
+pub const DEFAULT_SCAN_LIMIT: usize = 2000;
+pub const MAX_SCAN_LIMIT: usize = 20_000;
+/// Most keys one fetch may name.
+pub const MAX_FETCH_KEYS: usize = 10_000;
+/// Rows deleted per purge when the request names no limit, and the most per purge.
+pub const DEFAULT_PURGE_LIMIT: usize = 5000;
+pub const MAX_PURGE_LIMIT: usize = 50_000;
+
+/// `POST /v1/transfer/capture` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CaptureResponse {
+    /// The highest seq in the change log now; drain from here.
+    pub max_seq: i64,
+}
+
+/// `POST /v1/transfer/changes` body.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct ChangesRequest {
+    /// Changes with a seq above this one.
+    #[serde(default)]
+    pub after: i64,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// One logged change: a key of `table` that was inserted, updated or deleted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Change {
+    pub seq: i64,
+    pub table: String,
+    /// The key as stored: a JSON integer or string.
+    pub key: Value,
+}
+
+/// `POST /v1/transfer/changes` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ChangesResponse {
+    pub changes: Vec<Change>,
+    /// The highest seq in the log, read in the same snapshot; 0 when capture is off.
+    pub max_seq: i64,
+    pub capturing: bool,
+}
+
+/// `POST /v1/transfer/scan` body.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ScanRequest {
+    pub table: String,
+    /// The `next` of the previous page; null or absent for the first.
+    #[serde(default)]
+    pub after: Option<Value>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+    pub ranges: Vec<(u32, u32)>,
+}
+
+/// `POST /v1/transfer/scan` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ScanResponse {
+    /// The scanned rows whose key hash is in the ranges, in key order.
+    pub rows: Vec<Map<String, Value>>,
+    /// The last key scanned when more rows may follow; null at the end of the table.
+    pub next: Option<Value>,
+}
+
+/// `POST /v1/transfer/count` body.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct CountRequest {
+    pub ranges: Vec<(u32, u32)>,
+}
+
+/// `POST /v1/transfer/count` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CountResponse {
+    /// `counts[i]`: rows of all sharded tables whose key hash is in `ranges[i]`.
+    pub counts: Vec<u64>,
+    /// All rows of all sharded tables.
+    pub rows_total: u64,
+}
+
+/// `POST /v1/transfer/fetch` body.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct FetchRequest {
+    pub table: String,
+    pub keys: Vec<Value>,
+}
+
+/// `POST /v1/transfer/fetch` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct FetchResponse {
+    /// The rows that exist, once each, in the order their keys were asked for.
+    pub rows: Vec<Map<String, Value>>,
+}
+
+/// `POST /v1/transfer/apply` body.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ApplyRequest {
+    pub table: String,
+    #[serde(default)]
+    pub upserts: Vec<Value>,
+    #[serde(default)]
+    pub deletes: Vec<Value>,
+}
+
+/// `POST /v1/transfer/apply` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ApplyResponse {
+    pub upserted: usize,
+    /// Rows that existed and were deleted.
+    pub deleted: u64,
+}
+
+/// `POST /v1/transfer/purge` body.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct PurgeRequest {
+    pub ranges: Vec<(u32, u32)>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// `POST /v1/transfer/purge` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PurgeResponse {
+    pub deleted: u64,
+    /// No row is left in the ranges.
+    pub done: bool,
+}
+
+/// `GET /v1/transfer/fences` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct FencesResponse {
+    pub fences: Vec<Fence>,
+}
+
+/// `PUT /v1/transfer/fences` body.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct PutFencesRequest {
+    pub job: String,
+    pub ranges: Vec<(u32, u32)>,
+}
+
+/// `PUT /v1/transfer/fences` answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PutFencesResponse {
+    /// Fences now in force (the ranges as sent, not merged).
+    pub fences: usize,
+}
+
+/// A page size: `default` when absent, lowered to `max`, never 0.
+pub(crate) fn page_limit(
+    requested: Option<usize>,
+    default: usize,
+    max: usize,
+) -> Result<usize, NodeError> {
+    match requested {
+        None => Ok(default),
+        Some(0) => Err(NodeError::InvalidRequest(
+            "\"limit\" must be at least 1".into(),
+        )),
+        Some(n) => Ok(n.min(max)),
+    }
+}
+
+/// A key as the mover sends it back (from a scan's `next`, the change log or a fetched row),
+/// bound as the value it was read as: a JSON integer, float, string or `{"$base64": ...}`.
+pub(crate) fn stored_key(v: &Value) -> Result<SqlValue, NodeError> {
+    let is_blob = matches!(v, Value::Object(m) if m.len() == 1 && m.contains_key(BASE64_KEY));
+    match v {
+        Value::Number(_) | Value::String(_) => Ok(json_to_sql(v)?),
+        Value::Object(_) if is_blob => Ok(json_to_sql(v)?),
+        other => Err(NodeError::InvalidRequest(format!(
+            "a key is a JSON integer, string or {{\"{BASE64_KEY}\": ...}}, not {other}"
+        ))),
+    }
+}
+
+// ---- capture ----
+
+/// The table part of a capture trigger's name: the table name if it is `[A-Za-z0-9_]+`, else
+/// `x` and the hex of its UTF-8 bytes.
+pub fn trigger_stem(table: &str) -> String {
+    if !table.is_empty()
+        && table
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        table.to_owned()
+    } else {
+        let hex: String = table.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("x{hex}")
+    }
+}
+
+/// `_shardlite_capture_<stem>_<op>`.
+fn trigger_name(table: &str, op: &str) -> String {
+    format!("{CAPTURE_TRIGGER_PREFIX}{}_{op}", trigger_stem(table))
+}
+
+/// `s` as a SQL string literal.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The three capture triggers of `table`: (name, CREATE TRIGGER statement).
+fn capture_triggers(table: &TableSchema) -> [(String, String); 3] {
+    let (t, k, name) = (quote(&table.name), quote(&table.key), literal(&table.name));
+    let log =
+        |row: &str| format!("INSERT INTO {CHANGES_TABLE} (tbl, key) VALUES ({name}, {row}.{k});");
+    let create = |op: &str, event: &str, body: String| {
+        let trigger = trigger_name(&table.name, op);
+        let sql = format!(
+            "CREATE TRIGGER {} AFTER {event} ON {t} FOR EACH ROW BEGIN {body} END",
+            quote(&trigger)
+        );
+        (trigger, sql)
+    };
+    [
+        create("ins", "INSERT", log("NEW")),
+        create(
+            "upd",
+            "UPDATE",
+            // The new key only when it changed; BINARY so a NOCASE key changing case counts.
+            format!(
+                "{} INSERT INTO {CHANGES_TABLE} (tbl, key) SELECT {name}, NEW.{k} \
+                 WHERE NEW.{k} IS NOT OLD.{k} COLLATE BINARY;",
+                log("OLD")
+            ),
+        ),
+        create("del", "DELETE", log("OLD")),
+    ]
+}
+
+/// The names of every capture trigger in the schema.
+fn capture_trigger_names(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    conn.prepare_cached(
+        "SELECT name FROM sqlite_schema WHERE type = 'trigger' \
+         AND lower(substr(name, 1, ?1)) = ?2",
+    )?
+    .query_map(
+        rusqlite::params![CAPTURE_TRIGGER_PREFIX.len() as i64, CAPTURE_TRIGGER_PREFIX],
+        |row| row.get(0),
+    )?
+    .collect()
+}
+
+/// Whether the change log exists (capture is on).
+pub(crate) fn capture_installed(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1)",
+    )?
+    .query_row([CHANGES_TABLE], |row| row.get(0))
+}
+
+fn max_seq(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT coalesce(max(seq), 0) FROM _shardlite_changes")?
+        .query_row([], |row| row.get(0))
+}
+
+/// Refuses a schema in which two tables would share capture trigger names (SQLite's names
+/// are case-insensitive).
+fn check_trigger_names(schema: &Schema) -> Result<(), NodeError> {
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for table in schema.tables() {
+        let stem = trigger_stem(&table.name).to_ascii_lowercase();
+        if let Some(first) = seen.insert(stem, &table.name) {
+            return Err(NodeError::CaptureNameClash {
+                first: first.to_owned(),
+                second: table.name.clone(),
+                trigger: trigger_name(&table.name, "ins"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Creates the change log and (re)creates the capture triggers of every sharded table, in one
+/// writer transaction. Repeating it is harmless: old capture triggers (of renamed or dropped
+/// tables too) are replaced, the log and its seq are kept.
+pub(crate) fn capture_on(
+    state: &NodeState,
+    conn: &Connection,
+) -> Result<CaptureResponse, NodeError> {
+    let schema = state.schema();
+    check_trigger_names(&schema)?;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let installed = (|| -> rusqlite::Result<i64> {
+        conn.execute_batch(CHANGES_DDL)?;
+        for old in capture_trigger_names(conn)? {
+            conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(&old)))?;
+        }
+        for table in schema.tables() {
+            for (_, sql) in capture_triggers(table) {
+                conn.execute_batch(&sql)?;
+            }
+        }
+        let seq = max_seq(conn)?;
+        conn.execute_batch("COMMIT")?;
+        Ok(seq)
+    })();
+    match installed {
+        Ok(max_seq) => {
+            state.set_capturing(true);
+            tracing::info!(tables = schema.tables().count(), max_seq, "capture on");
+            Ok(CaptureResponse { max_seq })
+        }
+        Err(e) => {
+            rollback(conn);
+            Err(e.into())
+        }
+    }
+}
+
+/// Drops every capture trigger and the change log, in one writer transaction. Repeating it is
+/// harmless.
+pub(crate) fn capture_off(state: &NodeState, conn: &Connection) -> Result<(), NodeError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let removed = (|| -> rusqlite::Result<()> {
+        for name in capture_trigger_names(conn)? {
+            conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(&name)))?;
+        }
+        conn.execute_batch("DROP TABLE IF EXISTS _shardlite_changes")?;
+        conn.execute_batch("COMMIT")
+    })();
+    if let Err(e) = removed {
+        rollback(conn);
+        return Err(e.into());
+    }
+    state.set_capturing(false);
+    tracing::info!("capture off");
+    Ok(())
+}
+
+/// Up to `limit` logged changes above `after`, in seq order, read in one snapshot.
+pub(crate) fn changes(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<ChangesResponse, NodeError> {
+    conn.execute_batch("BEGIN")?;
+    let read = (|| -> rusqlite::Result<ChangesResponse> {
+        if !capture_installed(conn)? {
+            return Ok(ChangesResponse {
+                changes: Vec::new(),
+                max_seq: 0,
+                capturing: false,
+            });
+        }
+        let changes = conn
+            .prepare_cached(
+                "SELECT seq, tbl, key FROM _shardlite_changes WHERE seq > ?1 \
+                 ORDER BY seq LIMIT ?2",
+            )?
+            .query_map(
+                rusqlite::params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |row| {
+                    Ok(Change {
+                        seq: row.get(0)?,
+                        table: row.get(1)?,
+                        key: sql_to_json(row.get_ref(2)?),
+                    })
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(ChangesResponse {
+            changes,
+            max_seq: max_seq(conn)?,
+            capturing: true,
+        })
+    })();
+    rollback(conn);
+    Ok(read?)
+}
+
+// ---- scan, count, fetch ----
+
+/// `SELECT` every writable column of `table`; generated columns are left out (the target
+/// computes its own).
+fn select_columns(table: &TableSchema) -> String {
+    let columns: Vec<String> = table.columns.iter().map(|c| quote(c)).collect();
+    format!("SELECT {} FROM {}", columns.join(", "), quote(&table.name))
+}
+
+fn key_index(table: &TableSchema) -> usize {
+    table
+        .columns
+        .iter()
+        .position(|c| *c == table.key)
+        .expect("the key column is one of the table's columns")
+}
+
+/// Reads up to `limit` rows after `after` in key order, in one statement, and returns those
+/// whose key hash is in `ranges`.
+pub(crate) fn scan(
+    conn: &Connection,
+    table: &TableSchema,
+    after: Option<&SqlValue>,
+    limit: usize,
+    ranges: &Ranges,
+) -> Result<ScanResponse, NodeError> {
+    let k = quote(&table.key);
+    let sql = match after {
+        Some(_) => format!(
+            "{} WHERE {k} > ?1 ORDER BY {k} LIMIT ?2",
+            select_columns(table)
+        ),
+        None => format!("{} ORDER BY {k} LIMIT ?2", select_columns(table)),
+    };
+    let mut stmt = conn.prepare_cached(&sql)?;
+    if let Some(after) = after {
+        stmt.raw_bind_parameter(1, after)?;
+    }
+    // One more than asked tells whether another page follows.
+    stmt.raw_bind_parameter(2, i64::try_from(limit + 1).unwrap_or(i64::MAX))?;
+    let key_at = key_index(table);
+    let mut rows = Vec::new();
+    let mut scanned = 0;
+    let mut last = None;
+    let mut more = false;
+    let mut cursor = stmt.raw_query();
+    while let Some(row) = cursor.next()? {
+        if scanned == limit {
+            more = true;
+            break;
+        }
+        scanned += 1;
+        let key = row.get_ref(key_at)?;
+        if ranges.contains_key(key) {
+            rows.push(row_object(table, row)?);
+        }
+        last = Some(sql_to_json(key));
+    }
+    Ok(ScanResponse {
+        rows,
+        next: if more { last } else { None },
+    })
+}
+
+/// A row selected by [`select_columns`] as a JSON object.
+fn row_object(
+    table: &TableSchema,
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<Map<String, Value>> {
+    let mut object = Map::new();
+    for (i, name) in table.columns.iter().enumerate() {
+        object.insert(name.clone(), sql_to_json(row.get_ref(i)?));
+    }
+    Ok(object)
+}
+
+/// Counts the rows of every sharded table per range, reading keys only. One statement per
+/// table: a snapshot each, none held across the whole count.
+pub(crate) fn count(
+    conn: &Connection,
+    schema: &Schema,
+    ranges: &[(u32, u32)],
+) -> Result<CountResponse, NodeError> {
+    let mut counter = RangeCounter::new(ranges);
+    let mut rows_total = 0;
+    for table in schema.tables() {
+        let sql = format!("SELECT {} FROM {}", quote(&table.key), quote(&table.name));
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            rows_total += 1;
+            if let Some(hash) = routing_hash_of(row.get_ref(0)?) {
+                counter.add(hash);
+            }
+        }
+    }
+    Ok(CountResponse {
+        counts: counter.counts(),
+        rows_total,
+    })
+}
+
+/// The rows with `keys` that exist, once each, read in one snapshot.
+pub(crate) fn fetch(
+    conn: &Connection,
+    table: &TableSchema,
+    keys: &[SqlValue],
+) -> Result<FetchResponse, NodeError> {
+    let sql = format!("{} WHERE {} = ?1", select_columns(table), quote(&table.key));
+    let key_at = key_index(table);
+    conn.execute_batch("BEGIN")?;
+    let read = (|| -> rusqlite::Result<FetchResponse> {
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut seen = HashSet::new();
+        let mut found = Vec::new();
+        for key in keys {
+            let mut rows = stmt.query([key])?;
+            if let Some(row) = rows.next()? {
+                // 42 and "42" can name the same row; send it once.
+                if seen.insert(sql_to_json(row.get_ref(key_at)?).to_string()) {
+                    found.push(row_object(table, row)?);
+                }
+            }
+        }
+        Ok(FetchResponse { rows: found })
+    })();
+    rollback(conn);
+    Ok(read?)
+}
+
+// ---- apply, purge ----
+
+/// Upserts whole rows, then deletes `deletes` by key, in one writer transaction. Not fenced.
+pub(crate) fn apply(
+    conn: &Connection,
+    table: &TableSchema,
+    upserts: &[ValidRow],
+    deletes: &[SqlValue],
+) -> Result<ApplyResponse, NodeError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let applied = (|| -> Result<ApplyResponse, NodeError> {
+        for row in upserts {
+            rows::upsert_whole(conn, table, row)?;
+        }
+        let sql = format!(
+            "DELETE FROM {} WHERE {} = ?1",
+            quote(&table.name),
+            quote(&table.key)
+        );
+        let mut delete = conn.prepare_cached(&sql)?;
+        let mut deleted = 0;
+        for key in deletes {
+            deleted += delete.execute([key])? as u64;
+        }
+        conn.execute_batch("COMMIT")?;
+        Ok(ApplyResponse {
+            upserted: upserts.len(),
+            deleted,
+        })
+    })();
+    if applied.is_err() {
+        rollback(conn);
+    }
+    applied
+}
+
+/// Deletes up to `limit` rows of sharded tables whose key hash is in `ranges`, in one writer
+/// transaction: keys are scanned table by table in key order until one more than `limit`
+/// match (so `done` is exact), then the first `limit` are deleted by key. Not fenced.
+pub(crate) fn purge(
+    conn: &Connection,
+    schema: &Schema,
+    ranges: &Ranges,
+    limit: usize,
+) -> Result<PurgeResponse, NodeError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let purged = (|| -> Result<PurgeResponse, NodeError> {
+        let mut doomed: Vec<(&TableSchema, SqlValue)> = Vec::new();
+        'tables: for table in schema.tables() {
+            let (t, k) = (quote(&table.name), quote(&table.key));
+            let mut stmt = conn.prepare_cached(&format!("SELECT {k} FROM {t} ORDER BY {k}"))?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                if ranges.contains_key(row.get_ref(0)?) {
+                    doomed.push((table, row.get(0)?));
+                    if doomed.len() > limit {
+                        break 'tables;
+                    }
+                }
+            }
+        }
+        let done = doomed.len() <= limit;
+        doomed.truncate(limit);
+        let mut deleted = 0;
+        for (table, key) in &doomed {
+            let sql = format!(
+                "DELETE FROM {} WHERE {} = ?1",
+                quote(&table.name),
+                quote(&table.key)
+            );
+            deleted += conn.prepare_cached(&sql)?.execute([key])? as u64;
+        }
+        conn.execute_batch("COMMIT")?;
+        Ok(PurgeResponse { deleted, done })
+    })();
+    if purged.is_err() {
+        rollback(conn);
+    }
+    purged
+}
+
+/// The fences a `PUT` asks for, checked.
+pub(crate) fn fences_of(request: PutFencesRequest) -> Result<Vec<Fence>, NodeError> {
+    if request.job.trim().is_empty() {
+        return Err(NodeError::InvalidRequest(
+            "\"job\" must name the rebalance job".into(),
+        ));
+    }
+    Ranges::new(&request.ranges)?;
+    Ok(request
+        .ranges
+        .into_iter()
+        .map(|(start, end)| Fence {
+            start,
+            end,
+            job: request.job.clone(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Affinity;
+
+    #[test]
+    fn trigger_names_follow_the_table_name_or_its_hex() {
+        assert_eq!(trigger_stem("users"), "users");
+        assert_eq!(trigger_stem("Order_Lines2"), "Order_Lines2");
+        assert_eq!(trigger_stem("we\"ird"), "x776522697264");
+        assert_eq!(trigger_stem("é"), "xc3a9");
+        assert_eq!(trigger_name("users", "upd"), "_shardlite_capture_users_upd");
+        assert_eq!(trigger_name("=", "del"), "_shardlite_capture_x3d_del");
+    }
+
+    #[test]
+    fn clashing_trigger_names_are_refused() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE \"=\" (id INTEGER PRIMARY KEY); CREATE TABLE X3D (id INTEGER PRIMARY KEY);",
+        )
+        .unwrap();
+        let schema = Schema::load(&conn).unwrap();
+        assert!(matches!(
+            check_trigger_names(&schema),
+            Err(NodeError::CaptureNameClash { .. })
+        ));
+    }
+
+    #[test]
+    fn capture_triggers_quote_names_and_log_old_and_new_keys() {
+        let table = TableSchema {
+            name: "it's".into(),
+            key: "k\"ey".into(),
+            key_affinity: Affinity::Text,
+            columns: vec!["k\"ey".into()],
+        };
+        let [ins, upd, del] = capture_triggers(&table);
+        assert_eq!(ins.0, "_shardlite_capture_x69742773_ins");
+        assert_eq!(
+            ins.1,
+            "CREATE TRIGGER \"_shardlite_capture_x69742773_ins\" AFTER INSERT ON \"it's\" \
+             FOR EACH ROW BEGIN INSERT INTO _shardlite_changes (tbl, key) \
+             VALUES ('it''s', NEW.\"k\"\"ey\"); END"
+        );
+        assert!(
+            upd.1.contains("VALUES ('it''s', OLD.\"k\"\"ey\");"),
+            "{}",
+            upd.1
+        );
+        assert!(
+            upd.1
+                .contains("WHERE NEW.\"k\"\"ey\" IS NOT OLD.\"k\"\"ey\" COLLATE BINARY")
+        );
+        assert!(del.1.contains("OLD.\"k\"\"ey\""));
+    }
+
+    #[test]
+    fn keys_from_the_mover_bind_as_they_were_read() {
+        assert_eq!(
+            stored_key(&serde_json::json!(7)).unwrap(),
+            SqlValue::Integer(7)
+        );
+        assert_eq!(
+            stored_key(&serde_json::json!("a")).unwrap(),
+            SqlValue::Text("a".into())
+        );
+        assert_eq!(
+            stored_key(&serde_json::json!({"$base64": "AQ=="})).unwrap(),
+            SqlValue::Blob(vec![1])
+        );
+        for bad in [
+            serde_json::json!(null),
+            serde_json::json!(true),
+            serde_json::json!([1]),
+            serde_json::json!({"a": 1}),
+        ] {
+            assert!(stored_key(&bad).is_err(), "{bad}");
+        }
+    }
+}
