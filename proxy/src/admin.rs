@@ -1,15 +1,17 @@
 //! The admin plane under `/v1/cluster`: membership, per-node figures, verification.
 
 use crate::body::JsonBody;
-use crate::cluster::{NodeInfo, Topology};
+use crate::cluster::{self, MemberState, NodeInfo, bump_epoch};
 use crate::error::{ProxyError, ProxyResult};
 use crate::migrate::{self, MigrateRequest, MigrationStatus};
+use crate::rebalance::{self, DryRun, RebalanceStatus};
 use crate::server::ProxyState;
-use axum::extract::State;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
-use http::Method;
+use http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shardlite_node::key::ShardKey;
@@ -21,6 +23,12 @@ pub fn router() -> Router<ProxyState> {
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/status", get(status))
         .route("/v1/cluster/verify", get(verify))
+        .route("/v1/cluster/nodes", get(list_nodes).post(add_node))
+        .route("/v1/cluster/nodes/{id}", delete(remove_node))
+        .route(
+            "/v1/cluster/rebalance",
+            get(rebalance_status).post(start_rebalance),
+        )
         .route(
             "/v1/cluster/migrations",
             get(migrations_status).post(run_migrations),
@@ -35,36 +43,13 @@ pub struct ClusterResponse {
     pub rebalance: RebalanceStatus,
 }
 
-/// What `GET /v1/cluster/rebalance` reports.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct RebalanceStatus {
-    pub state: String,
-    pub rows_moved: u64,
-    pub rows_to_move: u64,
-    pub error: Option<String>,
-}
-
-impl RebalanceStatus {
-    pub fn idle() -> RebalanceStatus {
-        RebalanceStatus {
-            state: "idle".into(),
-            rows_moved: 0,
-            rows_to_move: 0,
-            error: None,
-        }
-    }
-}
-
-fn cluster_response(topology: &Topology) -> ClusterResponse {
-    ClusterResponse {
+async fn cluster(State(state): State<ProxyState>) -> Json<ClusterResponse> {
+    let topology = state.cluster().topology();
+    Json(ClusterResponse {
         epoch: topology.epoch,
         nodes: topology.nodes.clone(),
-        rebalance: RebalanceStatus::idle(),
-    }
-}
-
-async fn cluster(State(state): State<ProxyState>) -> Json<ClusterResponse> {
-    Json(cluster_response(&state.cluster().topology()))
+        rebalance: RebalanceStatus::clone(&state.rebalance_status()),
+    })
 }
 
 /// One node's figures in `GET /v1/cluster/status`.
@@ -75,6 +60,8 @@ pub struct NodeStatus {
     /// Fraction of the hash ring the node owns now (0 while joining).
     pub share: f64,
     pub reachable: bool,
+    /// Marked down by the proxy's health checks (its keys get 503).
+    pub down: bool,
     pub rows: Option<u64>,
     pub bytes: Option<u64>,
     /// The highest migration applied on the node.
@@ -131,6 +118,7 @@ async fn status(State(state): State<ProxyState>) -> Json<StatusResponse> {
                     node: node.clone(),
                     share,
                     reachable: true,
+                    down: state.health().is_down(&node.id),
                     rows: Some(s.rows),
                     bytes: Some(s.bytes),
                     schema_version: ledgers.as_ref().ok().and_then(|l| {
@@ -146,6 +134,7 @@ async fn status(State(state): State<ProxyState>) -> Json<StatusResponse> {
                     node: node.clone(),
                     share,
                     reachable: false,
+                    down: state.health().is_down(&node.id),
                     rows: None,
                     bytes: None,
                     schema_version: None,
@@ -158,7 +147,7 @@ async fn status(State(state): State<ProxyState>) -> Json<StatusResponse> {
         epoch: topology.epoch,
         schema_version: ledgers.as_ref().map_or(0, |l| l.version),
         nodes,
-        rebalance: RebalanceStatus::idle(),
+        rebalance: RebalanceStatus::clone(&state.rebalance_status()),
     })
 }
 
@@ -286,4 +275,152 @@ async fn run_migrations(
 
 async fn migrations_status(State(state): State<ProxyState>) -> ProxyResult<Json<MigrationStatus>> {
     Ok(Json(migrate::status(&state).await?))
+}
+
+async fn list_nodes(State(state): State<ProxyState>) -> Json<Vec<NodeInfo>> {
+    Json(state.cluster().topology().nodes.clone())
+}
+
+/// `POST /v1/cluster/nodes`.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct AddNodeRequest {
+    pub id: String,
+    pub url: String,
+    pub weight: Option<u32>,
+}
+
+/// Adds a node as `joining`: it must answer, and it gets every migration before it is recorded,
+/// so it owns nothing and lacks nothing until a rebalance moves its rows in.
+async fn add_node(
+    State(state): State<ProxyState>,
+    JsonBody(request): JsonBody<AddNodeRequest>,
+) -> ProxyResult<Response> {
+    cluster::validate_id(&request.id)?;
+    let url = cluster::normalize_url(&request.url)?;
+    let weight = request.weight.unwrap_or(1);
+    if weight == 0 || weight > 1000 {
+        return Err(ProxyError::BadRequest(format!(
+            "weight must be 1 to 1000, not {weight}"
+        )));
+    }
+    let _job = state.jobs().begin(format!("adding node {}", request.id))?;
+    let topology = state.cluster().topology();
+    if let Some(existing) = topology.node(&request.id) {
+        return Err(ProxyError::Conflict(format!(
+            "node {} already exists ({}, {}); remove it first or pick another id",
+            existing.id,
+            existing.url,
+            existing.state.as_str()
+        )));
+    }
+    if let Some(existing) = topology.nodes.iter().find(|n| n.url == url) {
+        return Err(ProxyError::Conflict(format!(
+            "{url} is already node {}",
+            existing.id
+        )));
+    }
+    let node = NodeInfo {
+        id: request.id.clone(),
+        url,
+        state: MemberState::Joining,
+        weight,
+    };
+    state
+        .upstream()
+        .call(&node.id, Method::GET, &node.url, "/healthz", None)
+        .await?
+        .ok(&node.id)?;
+    let set = migrate::known(&state)?;
+    let schema = migrate::bring_up_to_date(&state, &node, &set).await?;
+    state.cluster().update(|tx| {
+        tx.execute(
+            "INSERT INTO nodes (id, url, state, weight) VALUES (?1, ?2, 'joining', ?3)",
+            rusqlite::params![node.id, node.url, node.weight],
+        )?;
+        bump_epoch(tx)
+    })?;
+    tracing::info!(node = %node.id, url = %node.url, "node joining");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": node.id,
+            "url": node.url,
+            "state": node.state,
+            "weight": node.weight,
+            "schema_version": schema.version,
+        })),
+    )
+        .into_response())
+}
+
+/// Marks a node `leaving`: the next rebalance drains it, then it leaves. A node still joining
+/// owns nothing and leaves at once.
+async fn remove_node(
+    State(state): State<ProxyState>,
+    path: Result<Path<String>, PathRejection>,
+) -> ProxyResult<Response> {
+    let Path(id) = path?;
+    let _job = state.jobs().begin(format!("removing node {id}"))?;
+    let topology = state.cluster().topology();
+    let node = topology
+        .node(&id)
+        .ok_or_else(|| ProxyError::NotFound(format!("no node {id}")))?
+        .clone();
+    let new_state = match node.state {
+        MemberState::Leaving => "leaving",
+        MemberState::Joining => "removed",
+        MemberState::Active => {
+            let others = topology
+                .nodes
+                .iter()
+                .filter(|n| n.id != id && n.state != MemberState::Leaving)
+                .count();
+            if others == 0 {
+                return Err(ProxyError::Conflict(format!(
+                    "{id} is the last node that owns data: add another node before removing it"
+                )));
+            }
+            "leaving"
+        }
+    };
+    state.cluster().update(|tx| {
+        if new_state == "removed" {
+            tx.execute("DELETE FROM nodes WHERE id = ?1", [&id])?;
+        } else {
+            tx.execute("UPDATE nodes SET state = 'leaving' WHERE id = ?1", [&id])?;
+        }
+        bump_epoch(tx)
+    })?;
+    tracing::info!(node = %id, state = new_state, "node removed");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id, "state": new_state })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RebalanceQuery {
+    dry_run: Option<bool>,
+}
+
+async fn rebalance_status(State(state): State<ProxyState>) -> Json<RebalanceStatus> {
+    Json(RebalanceStatus::clone(&state.rebalance_status()))
+}
+
+/// Starts a rebalance (202), or with `?dry_run=true` answers the counted plan (200).
+async fn start_rebalance(
+    State(state): State<ProxyState>,
+    query: Result<Query<RebalanceQuery>, QueryRejection>,
+) -> ProxyResult<Response> {
+    let Query(query) = query?;
+    if query.dry_run.unwrap_or(false) {
+        let plan: DryRun = rebalance::dry_run(&state).await?;
+        return Ok(Json(plan).into_response());
+    }
+    let guard = state.jobs().begin("a rebalance")?;
+    let status = rebalance::start(&state, guard).await?;
+    Ok((StatusCode::ACCEPTED, Json(status)).into_response())
 }

@@ -6,9 +6,11 @@
 //! table, or with `--json` the JSON of the matching endpoint. A failure is one line saying what
 //! went wrong and how to mend it, and a non-zero exit.
 
-use crate::admin::{StatusResponse, VerifyResponse};
+use crate::admin::{ClusterResponse, StatusResponse, VerifyResponse};
+use crate::cluster::NodeInfo;
 use crate::error::node_error_message;
 use crate::migrate::{MigrateRequest, MigrateResponse, MigrationStatus};
+use crate::rebalance::{DryRun, RebalanceStatus};
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::{ProxyConfig, ProxyState, dev};
 use anyhow::{Context, bail};
@@ -42,6 +44,11 @@ pub enum Command {
     Dev(DevArgs),
     /// Apply the migrations in a directory to every shard, or show per-node versions.
     Migrate(MigrateArgs),
+    /// List, add or remove nodes.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+    /// Move rows to their owners under the new ring, with a progress bar.
+    Rebalance(RebalanceArgs),
     /// Show nodes, their state, share of the ring, rows, bytes and schema version.
     Status(AdminArgs),
     /// Check that every row lives on exactly its owner; exits 1 if not.
@@ -87,6 +94,23 @@ pub struct ProxyArgs {
     /// How long a call to a node may take before it counts as timed out (504), in milliseconds.
     #[arg(long, env = "SHARDLITE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    /// Clients of the data API must send `Authorization: Bearer <token>` (off when unset).
+    #[arg(long, env = "SHARDLITE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Clients of the admin API (`/v1/cluster`, the admin commands) must send this token.
+    #[arg(long, env = "SHARDLITE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Shared with the nodes: the proxy sends it on every call and nodes refuse calls without it.
+    #[arg(long, env = "SHARDLITE_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Test hook: pause this long at each rebalance step, so a test can kill the proxy there.
+    #[arg(
+        long,
+        env = "SHARDLITE_TEST_REBALANCE_PAUSE_MS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub test_rebalance_pause_ms: u64,
 }
 
 impl ProxyArgs {
@@ -95,9 +119,15 @@ impl ProxyArgs {
         config.seed_nodes = self.nodes.clone();
         config.vnodes = self.vnodes;
         config.max_body_bytes = self.max_body_bytes;
+        config.rebalance_step_pause = Duration::from_millis(self.test_rebalance_pause_ms);
         config.upstream = UpstreamConfig {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            bearer: self.cluster_secret.clone(),
+        };
+        config.auth = crate::auth::AuthConfig {
+            data_token: self.token.clone(),
+            admin_token: self.admin_token.clone(),
         };
         config
     }
@@ -134,6 +164,45 @@ pub struct AdminArgs {
     /// Print the endpoint's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The proxy's admin token, if it asks for one.
+    #[arg(long, env = "SHARDLITE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodesCommand {
+    /// List the nodes and their state.
+    List(AdminArgs),
+    /// Add a node: it joins as `joining`, gets every migration, owns nothing until a rebalance.
+    Add {
+        /// A name for the node: letters, digits, '.', '_' or '-'.
+        id: String,
+        /// Where it listens, e.g. http://127.0.0.1:7004.
+        url: String,
+        /// Its share of the ring relative to the others.
+        #[arg(long, env = "SHARDLITE_NODE_WEIGHT", default_value_t = 1)]
+        weight: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Mark a node `leaving`: the next rebalance drains it, then it leaves the topology.
+    Remove {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RebalanceArgs {
+    /// Print the plan (rows per source → target, counted) and move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Return once the job has started instead of waiting for it.
+    #[arg(long)]
+    pub no_wait: bool,
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 #[derive(Args, Debug)]
@@ -166,6 +235,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Proxy(args) => run_proxy(args, out).await,
         Command::Dev(args) => dev::run(args, out).await,
         Command::Migrate(args) => migrate(args, out).await,
+        Command::Nodes(command) => nodes(command, out).await,
+        Command::Rebalance(args) => rebalance(args, out).await,
         Command::Status(args) => status(args, out).await,
         Command::Verify(args) => verify(args, out).await,
     }
@@ -249,12 +320,14 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    pub fn new(proxy: &str) -> anyhow::Result<AdminClient> {
+    pub fn new(admin: &AdminArgs) -> anyhow::Result<AdminClient> {
+        let proxy = admin.proxy.as_str();
         let base = crate::cluster::normalize_url(proxy)
             .map_err(|e| anyhow::anyhow!("--proxy / SHARDLITE_PROXY: {}", e.message()))?;
         let upstream = Upstream::new(UpstreamConfig {
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(3600),
+            bearer: admin.admin_token.clone(),
         });
         Ok(AdminClient { upstream, base })
     }
@@ -344,7 +417,7 @@ pub fn table(rows: &[Vec<String>]) -> String {
 }
 
 async fn status(args: AdminArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
-    let client = AdminClient::new(&args.proxy)?;
+    let client = AdminClient::new(&args)?;
     let status: StatusResponse = client.json(Method::GET, "/v1/cluster/status", None).await?;
     if args.json {
         print_json(out, &status)?;
@@ -403,7 +476,7 @@ async fn status(args: AdminArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
 }
 
 async fn verify(args: AdminArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
-    let client = AdminClient::new(&args.proxy)?;
+    let client = AdminClient::new(&args)?;
     let report: VerifyResponse = client.json(Method::GET, "/v1/cluster/verify", None).await?;
     let ok = report.misplaced == 0 && report.duplicates == 0;
     if args.json {
@@ -439,7 +512,7 @@ async fn verify(args: AdminArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
 }
 
 async fn migrate(args: MigrateArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
-    let client = AdminClient::new(&args.admin.proxy)?;
+    let client = AdminClient::new(&args.admin)?;
     if args.status {
         let status: MigrationStatus = client
             .json(Method::GET, "/v1/cluster/migrations", None)
@@ -502,6 +575,224 @@ async fn migrate(args: MigrateArgs, out: &mut dyn Write) -> anyhow::Result<ExitC
         writeln!(out, "every node is at version {}", response.version)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn nodes(command: NodesCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    match command {
+        NodesCommand::List(admin) => {
+            let client = AdminClient::new(&admin)?;
+            let cluster: ClusterResponse = client.json(Method::GET, "/v1/cluster", None).await?;
+            if admin.json {
+                print_json(out, &cluster.nodes)?;
+            } else {
+                write!(out, "{}", node_table(&cluster.nodes))?;
+                writeln!(out, "epoch {}", cluster.epoch)?;
+            }
+        }
+        NodesCommand::Add {
+            id,
+            url,
+            weight,
+            admin,
+        } => {
+            let client = AdminClient::new(&admin)?;
+            let body = serde_json::json!({ "id": id, "url": url, "weight": weight });
+            let added: serde_json::Value = client
+                .json(
+                    Method::POST,
+                    "/v1/cluster/nodes",
+                    Some(serde_json::to_vec(&body)?),
+                )
+                .await
+                .with_context(|| format!("cannot add node {id}"))?;
+            if admin.json {
+                print_json(out, &added)?;
+            } else {
+                writeln!(
+                    out,
+                    "node {id} joined at {url} (schema version {}); it owns nothing until \
+                     `shardlite rebalance`",
+                    added["schema_version"]
+                )?;
+            }
+        }
+        NodesCommand::Remove { id, admin } => {
+            let client = AdminClient::new(&admin)?;
+            let removed: serde_json::Value = client
+                .json(Method::DELETE, &format!("/v1/cluster/nodes/{id}"), None)
+                .await
+                .with_context(|| format!("cannot remove node {id}"))?;
+            if admin.json {
+                print_json(out, &removed)?;
+            } else if removed["state"] == "removed" {
+                writeln!(out, "node {id} owned nothing yet and has left")?;
+            } else {
+                writeln!(
+                    out,
+                    "node {id} is leaving; `shardlite rebalance` moves its rows away, then it leaves"
+                )?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn node_table(nodes: &[NodeInfo]) -> String {
+    let mut rows = vec![["ID", "STATE", "WEIGHT", "URL"].map(String::from).to_vec()];
+    for n in nodes {
+        rows.push(vec![
+            n.id.clone(),
+            n.state.as_str().to_owned(),
+            n.weight.to_string(),
+            n.url.clone(),
+        ]);
+    }
+    table(&rows)
+}
+
+async fn rebalance(args: RebalanceArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(&args.admin)?;
+    if args.dry_run {
+        let plan: DryRun = client
+            .json(Method::POST, "/v1/cluster/rebalance?dry_run=true", None)
+            .await?;
+        if args.admin.json {
+            print_json(out, &plan)?;
+        } else {
+            let mut rows = vec![["FROM", "TO", "ROWS"].map(String::from).to_vec()];
+            for m in &plan.moves {
+                rows.push(vec![m.from.clone(), m.to.clone(), m.rows.to_string()]);
+            }
+            write!(out, "{}", table(&rows))?;
+            writeln!(
+                out,
+                "{} of {} rows would move{}{}; nothing was changed",
+                plan.rows_to_move,
+                plan.rows_total,
+                if plan.joining.is_empty() {
+                    String::new()
+                } else {
+                    format!("; joining: {}", plan.joining.join(", "))
+                },
+                if plan.leaving.is_empty() {
+                    String::new()
+                } else {
+                    format!("; leaving: {}", plan.leaving.join(", "))
+                },
+            )?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (code, body) = client
+        .send(Method::POST, "/v1/cluster/rebalance", None)
+        .await?;
+    if code == StatusCode::CONFLICT {
+        // A job already runs (perhaps resumed after a restart): wait for it.
+        let current: RebalanceStatus = client
+            .json(Method::GET, "/v1/cluster/rebalance", None)
+            .await?;
+        if current.state != "running" {
+            bail!("{} (HTTP {code})", node_error_message("proxy", &body));
+        }
+        writeln!(out, "a rebalance is already running; waiting for it")?;
+    } else if !code.is_success() {
+        bail!("{} (HTTP {code})", node_error_message("proxy", &body));
+    }
+    if args.no_wait {
+        let status: RebalanceStatus = client
+            .json(Method::GET, "/v1/cluster/rebalance", None)
+            .await?;
+        if args.admin.json {
+            print_json(out, &status)?;
+        } else {
+            writeln!(
+                out,
+                "rebalance {} started: {} rows to move; follow it with `shardlite status`",
+                status.id.unwrap_or_default(),
+                status.rows_to_move
+            )?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = follow(&client, out, args.admin.json).await?;
+    if args.admin.json {
+        print_json(out, &status)?;
+    }
+    if status.state == "done" {
+        if !args.admin.json {
+            writeln!(
+                out,
+                "rebalance done: {} rows moved; longest write pause {} ms",
+                status.rows_moved,
+                status.pause_ms.unwrap_or(0)
+            )?;
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        bail!(
+            "the rebalance failed: {}; ownership is unchanged, fix the cause and run \
+             `shardlite rebalance` again",
+            status.error.unwrap_or_else(|| "no reason given".into())
+        )
+    }
+}
+
+/// Polls the job until it ends: a progress bar on a terminal, a line per second otherwise.
+async fn follow(
+    client: &AdminClient,
+    out: &mut dyn Write,
+    quiet: bool,
+) -> anyhow::Result<RebalanceStatus> {
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout()) && !quiet;
+    let bar = terminal.then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} rows  {per_sec}  ETA {eta}  {msg}",
+            )
+            .expect("a valid template"),
+        );
+        bar
+    });
+    let mut last_line = std::time::Instant::now() - Duration::from_secs(2);
+    loop {
+        let status: RebalanceStatus = client
+            .json(Method::GET, "/v1/cluster/rebalance", None)
+            .await?;
+        let phase = status
+            .phase
+            .map(|p| format!("{p:?}").to_lowercase())
+            .unwrap_or_default();
+        if let Some(bar) = &bar {
+            bar.set_length(status.rows_to_move.max(status.rows_moved));
+            bar.set_position(status.rows_moved);
+            bar.set_message(match &status.error {
+                Some(e) => format!("{phase}: {e}"),
+                None => phase.clone(),
+            });
+        } else if !quiet && last_line.elapsed() >= Duration::from_secs(1) {
+            writeln!(
+                out,
+                "{}: {} of {} rows moved ({phase}){}",
+                status.state,
+                status.rows_moved,
+                status.rows_to_move,
+                status
+                    .error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            )?;
+            last_line = std::time::Instant::now();
+        }
+        if status.state != "running" {
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Nodes down, versions across: `✓` applied, `·` not yet, `✗` applied with another checksum.

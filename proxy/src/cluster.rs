@@ -120,6 +120,11 @@ CREATE TABLE IF NOT EXISTS nodes (
     state TEXT NOT NULL,
     weight INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    body TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS migrations (
     version INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -193,6 +198,22 @@ impl Cluster {
         tx.commit()?;
         let topology = load(&conn)?;
         self.current.store(Arc::new(topology));
+        Ok(out)
+    }
+
+    /// Runs `change` in one transaction on the state file; membership is not reloaded (for job
+    /// records and the migration set).
+    pub fn write<T>(
+        &self,
+        change: impl FnOnce(&rusqlite::Transaction<'_>) -> ProxyResult<T>,
+    ) -> ProxyResult<T> {
+        let mut conn = self
+            .store
+            .lock()
+            .expect("state lock is never poisoned: no panics under it");
+        let tx = conn.transaction()?;
+        let out = change(&tx)?;
+        tx.commit()?;
         Ok(out)
     }
 

@@ -19,6 +19,9 @@ pub enum ProxyError {
     /// The table does not exist on the cluster's shards.
     #[error("unknown table \"{0}\"")]
     UnknownTable(String),
+    /// The request lacks the token its API needs.
+    #[error("{0}")]
+    Unauthorized(String),
     /// No such endpoint or row.
     #[error("{0}")]
     NotFound(String),
@@ -63,6 +66,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownTable(_) | ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Conflict(_) => StatusCode::CONFLICT,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ShardUnavailable { .. } | ProxyError::NoNodes => {
@@ -107,7 +111,13 @@ impl IntoResponse for ProxyError {
             self,
             ProxyError::ShardUnavailable { .. } | ProxyError::NoNodes
         );
+        let challenge = matches!(self, ProxyError::Unauthorized(_));
         let mut response = (status, error_body(&self.message())).into_response();
+        if challenge {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if retry {
             response
                 .headers_mut()
@@ -130,5 +140,31 @@ impl From<PathRejection> for ProxyError {
 impl From<QueryRejection> for ProxyError {
     fn from(rejection: QueryRejection) -> Self {
         ProxyError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_down_node_answers_503_with_retry_after_and_a_json_body() {
+        let response = ProxyError::ShardUnavailable {
+            node: "n2".into(),
+            reason: "down".into(),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let response = ProxyError::Unauthorized("token".into()).into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        assert!(
+            ProxyError::BadRequest("x".into())
+                .into_response()
+                .headers()
+                .get(header::RETRY_AFTER)
+                .is_none()
+        );
     }
 }

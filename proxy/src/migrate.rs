@@ -233,7 +233,7 @@ async fn record(state: &ProxyState, incoming: &[Migration]) -> ProxyResult<Vec<M
             }
         }
     }
-    state.cluster().update(|tx| {
+    state.cluster().write(|tx| {
         tx.execute("DELETE FROM migrations", [])?;
         for m in incoming {
             tx.execute(

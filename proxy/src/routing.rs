@@ -10,6 +10,7 @@ use crate::body::{JsonBody, RawBody};
 use crate::cluster::{NodeInfo, Topology};
 use crate::error::{ProxyError, ProxyResult};
 use crate::server::ProxyState;
+use crate::upstream::Reply;
 use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -24,7 +25,7 @@ use serde_json::{Map, Value, json};
 use shardlite_node::key::ShardKey;
 use shardlite_node::schema::TableSchema;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub fn router() -> Router<ProxyState> {
     Router::new()
@@ -56,27 +57,50 @@ fn row_path(table: &str, key: &str) -> String {
     )
 }
 
-/// A keyed row request, resolved: the table's schema, the key and the node that owns it.
-struct Target {
-    topology: Arc<Topology>,
-    key: ShardKey,
-}
-
-impl Target {
-    fn node(&self) -> ProxyResult<&NodeInfo> {
-        self.topology.owner(&self.key.routing_text())
-    }
-}
-
-async fn resolve(state: &ProxyState, table: &str, key: &str) -> ProxyResult<Target> {
+/// The key of a row request, read by the rules of the table's key column.
+async fn key_of(state: &ProxyState, table: &str, key: &str) -> ProxyResult<ShardKey> {
     let topology = state.cluster().topology();
     let schema = state
         .schema()
         .table(table, &topology, state.upstream())
         .await?;
-    let key = ShardKey::from_text(key, schema.key_affinity)
-        .map_err(|e| ProxyError::BadRequest(format!("invalid key for table \"{table}\": {e}")))?;
-    Ok(Target { topology, key })
+    ShardKey::from_text(key, schema.key_affinity)
+        .map_err(|e| ProxyError::BadRequest(format!("invalid key for table \"{table}\": {e}")))
+}
+
+/// How long a write may wait, in all, for its key's range to finish moving to a new owner.
+const FENCE_WAIT: Duration = Duration::from_secs(10);
+
+/// Sends a write for the key `routing` to its owner. While the owner answers "fenced" (a
+/// rebalance is handing the key's range over), waits a moment and routes again by the current
+/// topology, which names the new owner once the hand-over is committed. The topology snapshot is
+/// held until the node answers: the rebalance waits for such requests before a source drops
+/// its copy.
+async fn write_to_owner(
+    state: &ProxyState,
+    routing: &str,
+    method: Method,
+    path: &str,
+    body: Option<Bytes>,
+) -> ProxyResult<(String, Reply)> {
+    let deadline = Instant::now() + FENCE_WAIT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let topology = state.cluster().topology();
+        let node = topology.owner(routing)?;
+        state.check_up(node)?;
+        let reply = state
+            .upstream()
+            .call(&node.id, method.clone(), &node.url, path, body.clone())
+            .await?;
+        if reply.fenced && Instant::now() < deadline {
+            drop(topology);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(8));
+            continue;
+        }
+        return Ok((node.id.clone(), reply));
+    }
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response {
@@ -94,22 +118,19 @@ async fn put_row(
     RawBody(body): RawBody,
 ) -> ProxyResult<Response> {
     let Path((table, key)) = path?;
-    let target = resolve(&state, &table, &key).await?;
-    let node = target.node()?;
-    let routing = target.key.routing_text();
-    state
-        .upstream()
-        .call(
-            &node.id,
-            Method::PUT,
-            &node.url,
-            &row_path(&table, &routing),
-            Some(body),
-        )
-        .await?
-        .ok(&node.id)?;
-    tracing::debug!(node = %node.id, table = %table, "put");
-    Ok(axum::Json(json!({ "table": table, "key": routing, "node": node.id })).into_response())
+    let key = key_of(&state, &table, &key).await?;
+    let routing = key.routing_text();
+    let (node, reply) = write_to_owner(
+        &state,
+        &routing,
+        Method::PUT,
+        &row_path(&table, &routing),
+        Some(body),
+    )
+    .await?;
+    reply.ok(&node)?;
+    tracing::debug!(node = %node, table = %table, "put");
+    Ok(axum::Json(json!({ "table": table, "key": routing, "node": node })).into_response())
 }
 
 async fn get_row(
@@ -117,15 +138,18 @@ async fn get_row(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ProxyResult<Response> {
     let Path((table, key)) = path?;
-    let target = resolve(&state, &table, &key).await?;
-    let node = target.node()?;
+    let key = key_of(&state, &table, &key).await?;
+    let routing = key.routing_text();
+    let topology = state.cluster().topology();
+    let node = topology.owner(&routing)?;
+    state.check_up(node)?;
     let reply = state
         .upstream()
         .call(
             &node.id,
             Method::GET,
             &node.url,
-            &row_path(&table, &target.key.routing_text()),
+            &row_path(&table, &routing),
             None,
         )
         .await?;
@@ -138,20 +162,18 @@ async fn delete_row(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ProxyResult<Response> {
     let Path((table, key)) = path?;
-    let target = resolve(&state, &table, &key).await?;
-    let node = target.node()?;
-    let reply = state
-        .upstream()
-        .call(
-            &node.id,
-            Method::DELETE,
-            &node.url,
-            &row_path(&table, &target.key.routing_text()),
-            None,
-        )
-        .await?;
-    tracing::debug!(node = %node.id, table = %table, "delete");
-    Ok(json_response(StatusCode::OK, reply.ok(&node.id)?))
+    let key = key_of(&state, &table, &key).await?;
+    let routing = key.routing_text();
+    let (node, reply) = write_to_owner(
+        &state,
+        &routing,
+        Method::DELETE,
+        &row_path(&table, &routing),
+        None,
+    )
+    .await?;
+    tracing::debug!(node = %node, table = %table, "delete");
+    Ok(json_response(StatusCode::OK, reply.ok(&node)?))
 }
 
 #[derive(Deserialize)]
@@ -197,35 +219,63 @@ async fn upsert_rows(
         .await?;
 
     // Validate every row before anything is sent: one bad row refuses the whole batch.
-    let mut groups: BTreeMap<&str, (&NodeInfo, Vec<&Value>, Vec<String>)> = BTreeMap::new();
+    let mut pending: Vec<(&Value, String)> = Vec::with_capacity(batch.rows.len());
     for (index, row) in batch.rows.iter().enumerate() {
         let key = batch_row_key(&schema, index, row)?;
-        let routing = key.routing_text().into_owned();
-        let node = topology.owner(&routing)?;
-        let group = groups
-            .entry(node.id.as_str())
-            .or_insert_with(|| (node, Vec::new(), Vec::new()));
-        group.1.push(row);
-        group.2.push(routing);
+        pending.push((row, key.routing_text().into_owned()));
     }
+    drop(topology);
 
     let path = format!("/v1/tables/{}/rows", encode_segment(&table));
-    let calls = groups.into_values().map(|(node, rows, keys)| {
-        let body = Bytes::from(
-            serde_json::to_vec(&json!({ "rows": rows })).expect("JSON values always serialize"),
-        );
-        let path = &path;
-        let state = &state;
-        async move {
-            let result = state
-                .upstream()
-                .call(&node.id, Method::POST, &node.url, path, Some(body))
-                .await
-                .and_then(|reply| reply.ok(&node.id));
-            (node, keys, result)
+    let deadline = Instant::now() + FENCE_WAIT;
+    let mut pause = Duration::from_millis(1);
+    let mut results = Vec::new();
+    // Rounds: a group whose range is fenced (being handed over) is routed again next round.
+    while !pending.is_empty() {
+        let topology = state.cluster().topology();
+        let mut groups: BTreeMap<&str, (&NodeInfo, Vec<&Value>, Vec<String>)> = BTreeMap::new();
+        for (row, routing) in pending.drain(..) {
+            let node = topology.owner(&routing)?;
+            let group = groups
+                .entry(node.id.as_str())
+                .or_insert_with(|| (node, Vec::new(), Vec::new()));
+            group.1.push(row);
+            group.2.push(routing);
         }
-    });
-    let results = futures::future::join_all(calls).await;
+        let calls = groups.into_values().map(|(node, rows, keys)| {
+            let body = Bytes::from(
+                serde_json::to_vec(&json!({ "rows": rows })).expect("JSON values always serialize"),
+            );
+            let path = &path;
+            let state = &state;
+            async move {
+                let result = match state.check_up(node) {
+                    Ok(()) => {
+                        state
+                            .upstream()
+                            .call(&node.id, Method::POST, &node.url, path, Some(body))
+                            .await
+                    }
+                    Err(down) => Err(down),
+                };
+                (node.id.clone(), rows, keys, result)
+            }
+        });
+        for (node, rows, keys, result) in futures::future::join_all(calls).await {
+            match result {
+                Ok(reply) if reply.fenced && Instant::now() < deadline => {
+                    pending.extend(rows.into_iter().zip(keys));
+                }
+                Ok(reply) => results.push((node.clone(), keys, reply.ok(&node))),
+                Err(error) => results.push((node, keys, Err(error))),
+            }
+        }
+        drop(topology);
+        if !pending.is_empty() {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(8));
+        }
+    }
 
     let mut upserted = 0usize;
     let mut failures = Vec::new();
@@ -242,7 +292,7 @@ async fn upsert_rows(
     let mut not_written = Vec::new();
     let mut reasons = Vec::new();
     for (node, keys, error) in failures {
-        reasons.push(format!("node {}: {}", node.id, error.message()));
+        reasons.push(format!("node {node}: {}", error.message()));
         not_written.extend(keys);
     }
     tracing::warn!(table = %table, failed = not_written.len(), "batch partly failed");
@@ -324,15 +374,15 @@ async fn sql(
     match request.key {
         Some(key) => {
             let routing = sql_key(&key)?;
-            let node = topology.owner(&routing)?;
             forward.insert("readonly".into(), Value::Bool(false));
+            // The node checks the key against its fences (a rebalance may be moving it).
+            forward.insert("key".into(), Value::String(routing.clone()));
             let body = Bytes::from(serde_json::to_vec(&forward).expect("JSON serializes"));
-            let reply = state
-                .upstream()
-                .call(&node.id, Method::POST, &node.url, "/v1/sql", Some(body))
-                .await?;
-            tracing::debug!(node = %node.id, "sql");
-            Ok(json_response(StatusCode::OK, reply.ok(&node.id)?))
+            drop(topology);
+            let (node, reply) =
+                write_to_owner(&state, &routing, Method::POST, "/v1/sql", Some(body)).await?;
+            tracing::debug!(node = %node, "sql");
+            Ok(json_response(StatusCode::OK, reply.ok(&node)?))
         }
         None => {
             forward.insert("readonly".into(), Value::Bool(true));
@@ -355,6 +405,9 @@ async fn scatter_read(
         .collect();
     if owners.is_empty() {
         return Err(ProxyError::NoNodes);
+    }
+    for node in &owners {
+        state.check_up(node)?;
     }
     let calls = owners.iter().map(|node| {
         let body = body.clone();

@@ -1,19 +1,23 @@
 //! The proxy server: its configuration, shared state, router and serve loop.
 
+use crate::auth::{self, AuthConfig, Scope};
 use crate::cluster::Cluster;
 use crate::error::{ProxyError, ProxyResult};
+use crate::health::{Health, HealthConfig};
 use crate::job::JobSlot;
+use crate::rebalance::{self, RebalanceStatus};
 use crate::schema::SchemaCache;
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::{admin, routing};
+use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use tokio::net::TcpListener;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 /// Everything the proxy needs to start; `main` builds it from flags, tests build it directly.
 #[derive(Clone, Debug)]
@@ -26,7 +30,12 @@ pub struct ProxyConfig {
     pub vnodes: u32,
     /// The largest request body accepted (413 above it).
     pub max_body_bytes: usize,
+    /// A pause the rebalance takes after each copy page and inside each phase: a test hook
+    /// that makes a job slow enough to kill it at a chosen step. Zero in production.
+    pub rebalance_step_pause: std::time::Duration,
     pub upstream: UpstreamConfig,
+    pub health: HealthConfig,
+    pub auth: AuthConfig,
 }
 
 impl ProxyConfig {
@@ -36,7 +45,10 @@ impl ProxyConfig {
             seed_nodes: Vec::new(),
             vnodes: shardlite_ring::DEFAULT_VNODES,
             max_body_bytes: 16 * 1024 * 1024,
+            rebalance_step_pause: std::time::Duration::ZERO,
             upstream: UpstreamConfig::default(),
+            health: HealthConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -45,12 +57,15 @@ impl ProxyConfig {
 #[derive(Clone)]
 pub struct ProxyState(Arc<Inner>);
 
-struct Inner {
+pub(crate) struct Inner {
     config: ProxyConfig,
     cluster: Cluster,
     upstream: Upstream,
     schema: SchemaCache,
     jobs: JobSlot,
+    /// The rebalance job as last recorded; read by status endpoints without touching the file.
+    rebalance: ArcSwap<RebalanceStatus>,
+    health: Health,
 }
 
 impl ProxyState {
@@ -76,6 +91,8 @@ impl ProxyState {
             upstream,
             schema: SchemaCache::default(),
             jobs: JobSlot::default(),
+            rebalance: ArcSwap::from_pointee(RebalanceStatus::idle()),
+            health: Health::default(),
         })))
     }
 
@@ -98,19 +115,64 @@ impl ProxyState {
     pub fn jobs(&self) -> &JobSlot {
         &self.0.jobs
     }
+
+    pub fn health(&self) -> &Health {
+        &self.0.health
+    }
+
+    /// `Ok` unless health checks have marked the node down: then a 503 at once.
+    pub fn check_up(&self, node: &crate::cluster::NodeInfo) -> ProxyResult<()> {
+        if self.0.health.is_down(&node.id) {
+            return Err(ProxyError::ShardUnavailable {
+                node: node.id.clone(),
+                reason: "it failed its health checks; its keys are unavailable until it answers"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn downgrade(&self) -> Weak<Inner> {
+        Arc::downgrade(&self.0)
+    }
+
+    pub(crate) fn upgrade(weak: &Weak<Inner>) -> Option<ProxyState> {
+        weak.upgrade().map(ProxyState)
+    }
+
+    pub fn rebalance_status(&self) -> Arc<RebalanceStatus> {
+        self.0.rebalance.load_full()
+    }
+
+    pub fn publish_rebalance(&self, status: RebalanceStatus) {
+        self.0.rebalance.store(Arc::new(status));
+    }
 }
 
 /// The whole HTTP API of the proxy.
 pub fn router(state: ProxyState) -> Router {
     let limit = state.config().max_body_bytes;
+    let tokens = state.config().auth.clone();
     Router::new()
         .route("/healthz", get(healthz))
-        .merge(routing::router())
-        .merge(admin::router())
+        .merge(
+            routing::router().layer(axum::middleware::from_fn_with_state(
+                (tokens.clone(), Scope::Data),
+                auth::require,
+            )),
+        )
+        .merge(admin::router().layer(axum::middleware::from_fn_with_state(
+            (tokens, Scope::Admin),
+            auth::require,
+        )))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(TraceLayer::new_for_http())
+        // Failures are logged once, where they become a response (`ProxyError`), not again here.
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         .with_state(state)
 }
 
@@ -126,13 +188,20 @@ async fn method_not_allowed(method: http::Method, uri: http::Uri) -> ProxyError 
     ProxyError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
 }
 
-/// Serves the proxy on an already-bound listener until `shutdown` completes.
+/// Serves the proxy on an already-bound listener until `shutdown` completes. A rebalance that
+/// a crash cut off resumes first, in the background.
 pub async fn serve(
     listener: TcpListener,
     state: ProxyState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    if let Err(e) = rebalance::resume(&state) {
+        tracing::error!(error = %e.message(), "cannot resume the recorded rebalance");
+    }
+    let checker = crate::health::spawn_checker(&state);
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    checker.abort();
+    served
 }

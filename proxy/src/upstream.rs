@@ -13,6 +13,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
 
+/// The header a node sets on a write it refused because the key's range is moving.
+pub const FENCED_HEADER: &str = "x-shardlite-fenced";
+
 /// Timeouts for calls to nodes.
 #[derive(Clone, Debug)]
 pub struct UpstreamConfig {
@@ -20,6 +23,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// How long a whole call may take, body included, before it counts as timed out (504).
     pub request_timeout: Duration,
+    /// Sent as `Authorization: Bearer ...` on every call: the cluster secret towards nodes, the
+    /// admin token from the CLI towards the proxy.
+    pub bearer: Option<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -27,6 +33,7 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
+            bearer: None,
         }
     }
 }
@@ -36,6 +43,9 @@ impl Default for UpstreamConfig {
 pub struct Reply {
     pub status: StatusCode,
     pub body: Bytes,
+    /// The node refused a write because the key's range is fenced for a move
+    /// (`x-shardlite-fenced`): the caller re-routes and retries.
+    pub fenced: bool,
 }
 
 impl Reply {
@@ -66,6 +76,8 @@ impl Reply {
 pub struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
     config: UpstreamConfig,
+    /// `Bearer <token>`, built once.
+    authorization: Option<http::HeaderValue>,
 }
 
 impl Upstream {
@@ -77,7 +89,15 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(connector);
-        Upstream { client, config }
+        let authorization = config
+            .bearer
+            .as_ref()
+            .and_then(|token| http::HeaderValue::from_str(&format!("Bearer {token}")).ok());
+        Upstream {
+            client,
+            config,
+            authorization,
+        }
     }
 
     pub fn config(&self) -> &UpstreamConfig {
@@ -120,6 +140,9 @@ impl Upstream {
         if body.is_some() {
             builder = builder.header(header::CONTENT_TYPE, "application/json");
         }
+        if let Some(authorization) = &self.authorization {
+            builder = builder.header(header::AUTHORIZATION, authorization);
+        }
         let request = builder
             .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| ProxyError::BadRequest(format!("cannot build a request to {uri}: {e}")))?;
@@ -136,6 +159,7 @@ impl Upstream {
                 }
             })?;
             let status = response.status();
+            let fenced = response.headers().contains_key(FENCED_HEADER);
             let body = response
                 .into_body()
                 .collect()
@@ -145,7 +169,11 @@ impl Upstream {
                     reason: format!("answer from {base_url} broke off: {e}"),
                 })?
                 .to_bytes();
-            Ok(Reply { status, body })
+            Ok(Reply {
+                status,
+                body,
+                fenced,
+            })
         };
         match tokio::time::timeout(timeout, call).await {
             Ok(result) => result,

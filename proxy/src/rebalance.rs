@@ -1,0 +1,1109 @@
+//! The online rebalance: move exactly the rows whose owner changes, while the cluster serves.
+//!
+//! `docs/rebalance.md` states the protocol and argues why no acknowledged write is lost and no
+//! delete comes back. In short, per source node S (a node that owns ranges it will give away):
+//!
+//! 1. **Capture** (before any row is read): S installs triggers that log every changed key in
+//!    `_shardlite_changes`; the job remembers the log position at that moment.
+//! 2. **Purge** the targets' incoming ranges (left-overs of an older job or of a node that was
+//!    removed and re-added are how deleted rows come back).
+//! 3. **Copy** S's outgoing ranges in primary-key pages to their targets; the cursor is saved in
+//!    the job record after every page, so a restart continues where it stopped.
+//! 4. **Catch up**: replay logged keys by reading their *current* row on S and upserting it on the
+//!    target, or deleting it there if S no longer has it. Idempotent, order-free.
+//! 5. **Fence**: S refuses writes to the outgoing ranges, checked inside its write transaction,
+//!    so a write admitted before the fence commits before it and is logged. The proxy holds and
+//!    retries writes that hit the fence. Then the log is drained to zero and row counts compared.
+//! 6. **Switch**: one transaction on the proxy's state file makes joining nodes active, drops
+//!    drained leaving nodes and bumps the epoch: the commit point.
+//! 7. **Clean up**: once requests routed by the old topology are done, S drops its triggers and
+//!    log, deletes the moved rows, then lifts the fence.
+//!
+//! The job record (plan, cursors, log positions, phase) is written to the state file before any
+//! node is touched and after every step. After a crash the proxy resumes it: before the switch,
+//! fences are lifted and copy and catch-up continue from their saved positions; after it, the
+//! clean-up is finished. Every node call is idempotent, so repeating a step after a crash is safe.
+
+use crate::cluster::{MemberState, NodeInfo, Topology, bump_epoch};
+use crate::error::{ProxyError, ProxyResult};
+use crate::job::JobGuard;
+use crate::server::ProxyState;
+use http::Method;
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shardlite_node::key::ShardKey;
+use shardlite_node::schema::TableSchema;
+use shardlite_ring::{Member, NodeId, Ring, diff, hash_key};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Rows per copy page.
+const COPY_PAGE: usize = 5000;
+/// Logged changes read per catch-up round.
+const CHANGES_PAGE: usize = 5000;
+/// Below this backlog per source, catch-up stops and the fence goes up.
+const FENCE_BACKLOG: usize = 1000;
+/// Keys fetched from a source per call.
+const FETCH_CHUNK: usize = 5000;
+/// Rows deleted per purge call (keeps each write lock short).
+const PURGE_PAGE: usize = 5000;
+/// Pause between retries after a node failed.
+const RETRY_DELAY: Duration = Duration::from_millis(300);
+
+/// Where a job stands. Stored in the job record.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Capture, purge, copy and catch-up; no fence is up (after a restart, fences are lifted).
+    Copy,
+    /// Fences are (or may be) up on the sources; the log is being drained.
+    Fenced,
+    /// Ownership switched; sources are being cleaned up.
+    Committed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Running,
+    Done,
+    Failed,
+}
+
+/// One hash range leaving a source, and where it goes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub start: u32,
+    pub end: u32,
+    pub to: String,
+}
+
+/// The copy position in one table of one source.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct Cursor {
+    /// The last key scanned (null before the first page).
+    pub after: Value,
+    pub done: bool,
+}
+
+/// A node that gives rows away, and how far the job got with it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Source {
+    pub id: String,
+    pub url: String,
+    /// Sorted by start, never overlapping.
+    pub ranges: Vec<Range>,
+    /// Capture is on and `applied_seq` holds the log position it started at.
+    pub capturing: bool,
+    /// The targets' incoming ranges from this source have been purged.
+    pub purged: bool,
+    pub copy: BTreeMap<String, Cursor>,
+    /// Every logged change up to here has been applied to the targets.
+    pub applied_seq: i64,
+    /// Clean-up finished (after the switch).
+    pub cleaned: bool,
+}
+
+impl Source {
+    /// The target of a ring position, if it leaves this source.
+    fn target_of(&self, point: u32) -> Option<&str> {
+        let i = self.ranges.partition_point(|r| r.end < point);
+        self.ranges
+            .get(i)
+            .filter(|r| r.start <= point)
+            .map(|r| r.to.as_str())
+    }
+
+    fn spans(&self) -> Vec<[u32; 2]> {
+        self.ranges.iter().map(|r| [r.start, r.end]).collect()
+    }
+
+    fn spans_to(&self, target: &str) -> Vec<[u32; 2]> {
+        self.ranges
+            .iter()
+            .filter(|r| r.to == target)
+            .map(|r| [r.start, r.end])
+            .collect()
+    }
+
+    fn targets(&self) -> Vec<&str> {
+        let mut targets: Vec<&str> = self.ranges.iter().map(|r| r.to.as_str()).collect();
+        targets.sort_unstable();
+        targets.dedup();
+        targets
+    }
+}
+
+/// The job record, stored as JSON in the state file's `jobs` table.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Job {
+    pub id: String,
+    pub state: JobState,
+    pub phase: Phase,
+    /// The epoch the plan was made at; the switch bumps it.
+    pub from_epoch: u64,
+    /// Every node of the topology the plan was made from (URLs for the calls).
+    pub nodes: Vec<NodeInfo>,
+    pub tables: Vec<TableSchema>,
+    pub sources: Vec<Source>,
+    pub rows_to_move: u64,
+    pub rows_moved: u64,
+    /// The longest time a fence was up, in milliseconds (the write pause of moving keys).
+    pub pause_ms: u64,
+    pub error: Option<String>,
+}
+
+impl Job {
+    fn url(&self, id: &str) -> ProxyResult<&str> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.url.as_str())
+            .ok_or_else(|| ProxyError::Conflict(format!("node {id} is not part of the job")))
+    }
+}
+
+/// What `GET /v1/cluster/rebalance` reports.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RebalanceStatus {
+    /// idle, running, done or failed.
+    pub state: String,
+    pub rows_moved: u64,
+    pub rows_to_move: u64,
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+}
+
+impl RebalanceStatus {
+    pub fn idle() -> RebalanceStatus {
+        RebalanceStatus {
+            state: "idle".into(),
+            rows_moved: 0,
+            rows_to_move: 0,
+            error: None,
+            id: None,
+            phase: None,
+            pause_ms: None,
+        }
+    }
+
+    fn of(job: &Job) -> RebalanceStatus {
+        RebalanceStatus {
+            state: match job.state {
+                JobState::Running => "running",
+                JobState::Done => "done",
+                JobState::Failed => "failed",
+            }
+            .into(),
+            rows_moved: job.rows_moved,
+            rows_to_move: job.rows_to_move,
+            error: job.error.clone(),
+            id: Some(job.id.clone()),
+            phase: Some(job.phase),
+            pause_ms: Some(job.pause_ms),
+        }
+    }
+}
+
+/// One (from, to) pair of the plan.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PlannedMove {
+    pub from: String,
+    pub to: String,
+    pub rows: u64,
+}
+
+/// The dry-run answer.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DryRun {
+    pub rows_total: u64,
+    pub rows_to_move: u64,
+    pub moves: Vec<PlannedMove>,
+    /// Nodes that become active, and nodes that leave, when the job completes.
+    pub joining: Vec<String>,
+    pub leaving: Vec<String>,
+}
+
+/// The ring after the job: active and joining nodes, without leaving ones.
+pub fn next_ring(topology: &Topology) -> ProxyResult<Ring> {
+    let members: Vec<Member> = topology
+        .nodes
+        .iter()
+        .filter(|n| n.state != MemberState::Leaving)
+        .map(|n| Member {
+            id: NodeId::new(n.id.clone()),
+            weight: n.weight,
+        })
+        .collect();
+    if members.is_empty() && !topology.ring.is_empty() {
+        return Err(ProxyError::Conflict(
+            "every node is leaving: the rows would have nowhere to go; add a node first".into(),
+        ));
+    }
+    Ring::new(members, topology.vnodes)
+        .map_err(|e| ProxyError::BadRequest(format!("invalid membership: {e}")))
+}
+
+/// The sources and their outgoing ranges, from the ring diff.
+fn sources(topology: &Topology, next: &Ring) -> Vec<Source> {
+    let mut by_source: BTreeMap<String, Vec<Range>> = BTreeMap::new();
+    for m in diff(&topology.ring, next) {
+        by_source
+            .entry(m.from.as_str().to_owned())
+            .or_default()
+            .push(Range {
+                start: m.start,
+                end: m.end,
+                to: m.to.as_str().to_owned(),
+            });
+    }
+    by_source
+        .into_iter()
+        .map(|(id, ranges)| Source {
+            url: topology
+                .node(&id)
+                .map(|n| n.url.clone())
+                .unwrap_or_default(),
+            id,
+            ranges,
+            capturing: false,
+            purged: false,
+            copy: BTreeMap::new(),
+            applied_seq: 0,
+            cleaned: false,
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct CountResponse {
+    counts: Vec<u64>,
+    rows_total: u64,
+}
+
+/// Counts, on every node that owns data now, the rows of each outgoing range: exact, not
+/// estimated.
+async fn count(
+    state: &ProxyState,
+    topology: &Topology,
+    sources: &[Source],
+) -> ProxyResult<(u64, Vec<PlannedMove>)> {
+    let owners: Vec<&NodeInfo> = topology
+        .nodes
+        .iter()
+        .filter(|n| n.state != MemberState::Joining)
+        .collect();
+    let calls = owners.iter().map(|node| async move {
+        let source = sources.iter().find(|s| s.id == node.id);
+        let spans = source.map(Source::spans).unwrap_or_default();
+        let body = serde_json::to_vec(&json!({ "ranges": spans })).expect("JSON serializes");
+        let counted: CountResponse = state
+            .upstream()
+            .call(
+                &node.id,
+                Method::POST,
+                &node.url,
+                "/v1/transfer/count",
+                Some(body.into()),
+            )
+            .await?
+            .json(&node.id)?;
+        let mut moves: BTreeMap<String, u64> = BTreeMap::new();
+        if let Some(source) = source {
+            for (range, n) in source.ranges.iter().zip(counted.counts) {
+                *moves.entry(range.to.clone()).or_default() += n;
+            }
+        }
+        Ok::<_, ProxyError>((node.id.clone(), counted.rows_total, moves))
+    });
+    let mut rows_total = 0;
+    let mut planned = Vec::new();
+    for result in futures::future::join_all(calls).await {
+        let (from, total, moves) = result?;
+        rows_total += total;
+        planned.extend(moves.into_iter().map(|(to, rows)| PlannedMove {
+            from: from.clone(),
+            to,
+            rows,
+        }));
+    }
+    Ok((rows_total, planned))
+}
+
+/// The plan, counted; changes nothing.
+pub async fn dry_run(state: &ProxyState) -> ProxyResult<DryRun> {
+    let topology = state.cluster().topology();
+    let next = next_ring(&topology)?;
+    let sources = sources(&topology, &next);
+    let (rows_total, moves) = count(state, &topology, &sources).await?;
+    Ok(DryRun {
+        rows_total,
+        rows_to_move: moves.iter().map(|m| m.rows).sum(),
+        moves,
+        joining: ids_in(&topology, MemberState::Joining),
+        leaving: ids_in(&topology, MemberState::Leaving),
+    })
+}
+
+fn ids_in(topology: &Topology, wanted: MemberState) -> Vec<String> {
+    topology
+        .nodes
+        .iter()
+        .filter(|n| n.state == wanted)
+        .map(|n| n.id.clone())
+        .collect()
+}
+
+/// Plans a job, records it, and starts it in the background. The caller holds the job slot.
+pub async fn start(state: &ProxyState, guard: JobGuard) -> ProxyResult<RebalanceStatus> {
+    let topology = state.cluster().topology();
+    let next = next_ring(&topology)?;
+    let sources = sources(&topology, &next);
+    let (_, moves) = count(state, &topology, &sources).await?;
+    state
+        .schema()
+        .refresh(&topology, state.upstream())
+        .await
+        .or_else(|e| {
+            // A cluster whose nodes are all new has no schema source yet; nothing moves then.
+            if sources.is_empty() { Ok(()) } else { Err(e) }
+        })?;
+    let job = Job {
+        id: format!("rebalance-{}-{}", topology.epoch, unix_millis()),
+        state: JobState::Running,
+        phase: Phase::Copy,
+        from_epoch: topology.epoch,
+        nodes: topology.nodes.clone(),
+        tables: state
+            .schema()
+            .all()
+            .iter()
+            .map(|t| TableSchema::clone(t))
+            .collect(),
+        sources,
+        rows_to_move: moves.iter().map(|m| m.rows).sum(),
+        rows_moved: 0,
+        pause_ms: 0,
+        error: None,
+    };
+    save(state, &job)?;
+    let status = RebalanceStatus::of(&job);
+    spawn(state.clone(), job, guard);
+    Ok(status)
+}
+
+/// Resumes a job that a crash cut off; called once when the proxy starts serving.
+pub fn resume(state: &ProxyState) -> ProxyResult<()> {
+    let Some(job) = load_latest(state)? else {
+        return Ok(());
+    };
+    state.publish_rebalance(RebalanceStatus::of(&job));
+    if job.state == JobState::Running {
+        let guard = state.jobs().begin(format!("rebalance {}", job.id))?;
+        tracing::info!(job = %job.id, phase = ?job.phase, "resuming the rebalance");
+        spawn(state.clone(), job, guard);
+    }
+    Ok(())
+}
+
+fn spawn(state: ProxyState, job: Job, guard: JobGuard) {
+    tokio::spawn(async move {
+        let _slot = guard;
+        run(&state, job).await;
+    });
+}
+
+fn unix_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+fn save(state: &ProxyState, job: &Job) -> ProxyResult<()> {
+    let body = serde_json::to_string(job).expect("a job serializes");
+    state.cluster().write(|tx| {
+        tx.execute(
+            "INSERT INTO jobs (id, state, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET state = excluded.state, body = excluded.body",
+            params![job.id, format!("{:?}", job.state).to_lowercase(), body],
+        )?;
+        Ok(())
+    })?;
+    state.publish_rebalance(RebalanceStatus::of(job));
+    Ok(())
+}
+
+fn load_latest(state: &ProxyState) -> ProxyResult<Option<Job>> {
+    let body: Option<String> = state.cluster().read(|conn| {
+        Ok(conn
+            .query_row(
+                "SELECT body FROM jobs ORDER BY rowid DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?)
+    })?;
+    body.map(|b| {
+        serde_json::from_str(&b).map_err(|e| {
+            ProxyError::Conflict(format!(
+                "the state file holds a job this proxy cannot read: {e}"
+            ))
+        })
+    })
+    .transpose()
+}
+
+/// The test hook's pause (see `ProxyConfig::rebalance_step_pause`); nothing in production.
+async fn step_pause(state: &ProxyState) {
+    let pause = state.config().rebalance_step_pause;
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Whether an error is worth retrying (a node down or slow) or ends the job.
+fn transient(error: &ProxyError) -> bool {
+    matches!(
+        error,
+        ProxyError::ShardUnavailable { .. } | ProxyError::ShardTimeout { .. }
+    ) || matches!(error, ProxyError::Node { status, .. } if status.is_server_error())
+}
+
+async fn run(state: &ProxyState, mut job: Job) {
+    let started = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        let outcome = match job.phase {
+            Phase::Copy => copy_phase(state, &mut job).await,
+            Phase::Fenced => fenced_phase(state, &mut job).await,
+            Phase::Committed => cleanup_phase(state, &mut job).await,
+        };
+        match outcome {
+            Ok(true) => {
+                job.state = JobState::Done;
+                job.error = None;
+                if let Err(e) = save(state, &job) {
+                    tracing::error!(job = %job.id, error = %e, "cannot record the finished job");
+                }
+                tracing::info!(
+                    job = %job.id,
+                    rows = job.rows_moved,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    pause_ms = job.pause_ms,
+                    "rebalance done"
+                );
+                return;
+            }
+            Ok(false) => failures = 0,
+            Err(error) => {
+                failures += 1;
+                let message = error.message();
+                tracing::warn!(job = %job.id, phase = ?job.phase, error = %message, "rebalance step failed");
+                if job.phase == Phase::Fenced {
+                    // Back to catching up; the fence goes up again once the source answers.
+                    job.phase = Phase::Copy;
+                }
+                if !transient(&error) && job.phase != Phase::Committed && failures >= 3 {
+                    abandon(state, &mut job, message).await;
+                    return;
+                }
+                job.error = Some(format!("retrying: {message}"));
+                let _ = save(state, &job);
+                tokio::time::sleep(RETRY_DELAY).await;
+            }
+        }
+    }
+}
+
+/// Gives up before the switch: the sources still own everything; lift fences and capture.
+async fn abandon(state: &ProxyState, job: &mut Job, reason: String) {
+    for source in &job.sources {
+        let _ = call(
+            state,
+            &source.id,
+            &source.url,
+            Method::DELETE,
+            "/v1/transfer/fences",
+            None,
+        )
+        .await;
+        let _ = call(
+            state,
+            &source.id,
+            &source.url,
+            Method::DELETE,
+            "/v1/transfer/capture",
+            None,
+        )
+        .await;
+    }
+    job.state = JobState::Failed;
+    job.error = Some(reason);
+    let _ = save(state, job);
+    tracing::error!(job = %job.id, error = ?job.error, "rebalance failed; ownership unchanged");
+}
+
+async fn call(
+    state: &ProxyState,
+    id: &str,
+    url: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> ProxyResult<Value> {
+    let body = body.map(|b| serde_json::to_vec(&b).expect("JSON serializes").into());
+    state
+        .upstream()
+        .call(id, method, url, path, body)
+        .await?
+        .json(id)
+}
+
+/// The routing text's ring position of a key of `table`.
+fn position(table: &TableSchema, key: &Value) -> ProxyResult<u32> {
+    let key =
+        ShardKey::from_json(key, table.key_affinity).map_err(|e| ProxyError::BadNodeAnswer {
+            node: "source".into(),
+            reason: format!("a stored key of {} is not routable: {e}", table.name),
+        })?;
+    Ok(hash_key(&key.routing_text()))
+}
+
+/// Rows (full objects) grouped by the target of their key.
+fn by_target<'a>(
+    source: &'a Source,
+    table: &TableSchema,
+    rows: Vec<Value>,
+) -> ProxyResult<HashMap<&'a str, Vec<Value>>> {
+    let mut groups: HashMap<&str, Vec<Value>> = HashMap::new();
+    for row in rows {
+        let key = row.get(&table.key).cloned().unwrap_or(Value::Null);
+        if let Some(target) = source.target_of(position(table, &key)?) {
+            groups.entry(target).or_default().push(row);
+        }
+    }
+    Ok(groups)
+}
+
+async fn apply(
+    state: &ProxyState,
+    job: &Job,
+    target: &str,
+    table: &str,
+    upserts: Vec<Value>,
+    deletes: Vec<Value>,
+) -> ProxyResult<()> {
+    call(
+        state,
+        target,
+        job.url(target)?,
+        Method::POST,
+        "/v1/transfer/apply",
+        Some(json!({ "table": table, "upserts": upserts, "deletes": deletes })),
+    )
+    .await
+    .map(drop)
+}
+
+/// Capture, purge, copy, catch up; then raise the fences. Returns `Ok(false)` to go on.
+async fn copy_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
+    // After a restart or a failed fence, fences may still be up: lift them first.
+    for source in &job.sources {
+        call(
+            state,
+            &source.id,
+            &source.url,
+            Method::DELETE,
+            "/v1/transfer/fences",
+            None,
+        )
+        .await?;
+    }
+    for s in 0..job.sources.len() {
+        let source = job.sources[s].clone();
+        if !source.capturing {
+            let on = call(
+                state,
+                &source.id,
+                &source.url,
+                Method::POST,
+                "/v1/transfer/capture",
+                Some(json!({})),
+            )
+            .await?;
+            let source = &mut job.sources[s];
+            source.applied_seq = on["max_seq"].as_i64().unwrap_or(0);
+            source.capturing = true;
+            save(state, job)?;
+        }
+        if !job.sources[s].purged {
+            let source = job.sources[s].clone();
+            for target in source.targets() {
+                purge(state, target, job.url(target)?, &source.spans_to(target)).await?;
+            }
+            job.sources[s].purged = true;
+            save(state, job)?;
+        }
+        copy_source(state, job, s).await?;
+        catch_up(state, job, s, false).await?;
+    }
+    job.phase = Phase::Fenced;
+    job.error = None;
+    save(state, job)?;
+    Ok(false)
+}
+
+async fn purge(state: &ProxyState, id: &str, url: &str, spans: &[[u32; 2]]) -> ProxyResult<u64> {
+    let mut deleted = 0;
+    loop {
+        let answer = call(
+            state,
+            id,
+            url,
+            Method::POST,
+            "/v1/transfer/purge",
+            Some(json!({ "ranges": spans, "limit": PURGE_PAGE })),
+        )
+        .await?;
+        deleted += answer["deleted"].as_u64().unwrap_or(0);
+        if answer["done"].as_bool().unwrap_or(true) {
+            return Ok(deleted);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ScanPage {
+    rows: Vec<Value>,
+    next: Option<Value>,
+}
+
+/// Copies one source's outgoing ranges page by page, saving the cursor after each page.
+async fn copy_source(state: &ProxyState, job: &mut Job, s: usize) -> ProxyResult<()> {
+    let tables = job.tables.clone();
+    for table in &tables {
+        loop {
+            let source = job.sources[s].clone();
+            let cursor = source.copy.get(&table.name).cloned().unwrap_or_default();
+            if cursor.done {
+                break;
+            }
+            let page: ScanPage = serde_json::from_value(
+                call(
+                    state,
+                    &source.id,
+                    &source.url,
+                    Method::POST,
+                    "/v1/transfer/scan",
+                    Some(json!({
+                        "table": table.name,
+                        "after": cursor.after,
+                        "limit": COPY_PAGE,
+                        "ranges": source.spans(),
+                    })),
+                )
+                .await?,
+            )
+            .map_err(|e| ProxyError::BadNodeAnswer {
+                node: source.id.clone(),
+                reason: e.to_string(),
+            })?;
+            let copied = page.rows.len() as u64;
+            let groups = by_target(&source, table, page.rows)?;
+            let applies = groups
+                .into_iter()
+                .map(|(target, rows)| apply(state, job, target, &table.name, rows, Vec::new()));
+            for result in futures::future::join_all(applies).await {
+                result?;
+            }
+            let next = match page.next {
+                Some(next) if !next.is_null() => Cursor {
+                    after: next,
+                    done: false,
+                },
+                _ => Cursor {
+                    after: Value::Null,
+                    done: true,
+                },
+            };
+            job.sources[s].copy.insert(table.name.clone(), next);
+            job.rows_moved += copied;
+            save(state, job)?;
+            step_pause(state).await;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Change {
+    seq: i64,
+    table: String,
+    key: Value,
+}
+
+#[derive(Deserialize)]
+struct ChangesPage {
+    changes: Vec<Change>,
+    capturing: bool,
+}
+
+/// Replays logged keys: current row on the source → upsert on the target; gone → delete there.
+/// With `drain`, runs until the log is empty; otherwise until the backlog is small.
+async fn catch_up(state: &ProxyState, job: &mut Job, s: usize, drain: bool) -> ProxyResult<()> {
+    loop {
+        let source = job.sources[s].clone();
+        let page: ChangesPage = serde_json::from_value(
+            call(
+                state,
+                &source.id,
+                &source.url,
+                Method::POST,
+                "/v1/transfer/changes",
+                Some(json!({ "after": source.applied_seq, "limit": CHANGES_PAGE })),
+            )
+            .await?,
+        )
+        .map_err(|e| ProxyError::BadNodeAnswer {
+            node: source.id.clone(),
+            reason: e.to_string(),
+        })?;
+        if !page.capturing {
+            // The log is gone (the file was replaced?): what changed since the copy is unknown.
+            // Start this source over: capture, purge the targets, copy.
+            let source = &mut job.sources[s];
+            source.capturing = false;
+            source.purged = false;
+            source.copy.clear();
+            save(state, job)?;
+            return Err(ProxyError::ShardUnavailable {
+                node: job.sources[s].id.clone(),
+                reason: "its change capture is gone; copying its ranges again".into(),
+            });
+        }
+        let Some(last) = page.changes.last().map(|c| c.seq) else {
+            return Ok(());
+        };
+        let backlog = page.changes.len();
+        // Moving keys per table, each once.
+        let mut keys: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for change in page.changes {
+            let Some(table) = job.tables.iter().find(|t| t.name == change.table) else {
+                continue;
+            };
+            if source.target_of(position(table, &change.key)?).is_some() {
+                let list = keys.entry(change.table).or_default();
+                if !list.contains(&change.key) {
+                    list.push(change.key);
+                }
+            }
+        }
+        for (name, keys) in keys {
+            let table = job
+                .tables
+                .iter()
+                .find(|t| t.name == name)
+                .expect("only known tables were kept")
+                .clone();
+            for chunk in keys.chunks(FETCH_CHUNK) {
+                let found = call(
+                    state,
+                    &source.id,
+                    &source.url,
+                    Method::POST,
+                    "/v1/transfer/fetch",
+                    Some(json!({ "table": name, "keys": chunk })),
+                )
+                .await?;
+                let rows = found["rows"].as_array().cloned().unwrap_or_default();
+                let present: Vec<Value> = rows
+                    .iter()
+                    .map(|r| r.get(&table.key).cloned().unwrap_or(Value::Null))
+                    .collect();
+                let mut upserts = by_target(&source, &table, rows)?;
+                let mut deletes: HashMap<&str, Vec<Value>> = HashMap::new();
+                for key in chunk.iter().filter(|k| !present.contains(k)) {
+                    if let Some(target) = source.target_of(position(&table, key)?) {
+                        deletes.entry(target).or_default().push(key.clone());
+                    }
+                }
+                let mut targets: Vec<&str> =
+                    upserts.keys().chain(deletes.keys()).copied().collect();
+                targets.sort_unstable();
+                targets.dedup();
+                for target in targets {
+                    apply(
+                        state,
+                        job,
+                        target,
+                        &name,
+                        upserts.remove(target).unwrap_or_default(),
+                        deletes.remove(target).unwrap_or_default(),
+                    )
+                    .await?;
+                }
+            }
+        }
+        job.sources[s].applied_seq = last;
+        save(state, job)?;
+        if !drain && backlog < FENCE_BACKLOG {
+            return Ok(());
+        }
+    }
+}
+
+/// Fences every source, drains its log to zero, checks counts, and switches ownership.
+async fn fenced_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
+    let before = state.cluster().topology();
+    let fenced_at = Instant::now();
+    for source in &job.sources {
+        call(
+            state,
+            &source.id,
+            &source.url,
+            Method::PUT,
+            "/v1/transfer/fences",
+            Some(json!({ "job": job.id, "ranges": source.spans() })),
+        )
+        .await?;
+    }
+    step_pause(state).await;
+    for s in 0..job.sources.len() {
+        catch_up(state, job, s, true).await?;
+    }
+    check_counts(state, job).await?;
+    commit(state, job)?;
+    job.pause_ms = job.pause_ms.max(fenced_at.elapsed().as_millis() as u64);
+    save(state, job)?;
+    // Requests routed by the old topology may still be on their way to a source: let them end
+    // before the source drops its copy and its fence.
+    wait_for_requests(before).await;
+    Ok(false)
+}
+
+/// Before the switch, every moving range must hold as many rows on its target as on its source.
+async fn check_counts(state: &ProxyState, job: &Job) -> ProxyResult<()> {
+    for source in &job.sources {
+        for target in source.targets() {
+            let spans = source.spans_to(target);
+            let body = json!({ "ranges": spans });
+            let on_source = call(
+                state,
+                &source.id,
+                &source.url,
+                Method::POST,
+                "/v1/transfer/count",
+                Some(body.clone()),
+            )
+            .await?;
+            let on_target = call(
+                state,
+                target,
+                job.url(target)?,
+                Method::POST,
+                "/v1/transfer/count",
+                Some(body),
+            )
+            .await?;
+            let sum = |v: &Value| -> u64 {
+                v["counts"]
+                    .as_array()
+                    .map_or(0, |c| c.iter().filter_map(Value::as_u64).sum())
+            };
+            if sum(&on_source) != sum(&on_target) {
+                return Err(ProxyError::Conflict(format!(
+                    "after the final catch-up, {} holds {} rows of the ranges moving to {target} \
+                     but {target} holds {}; not switching",
+                    source.id,
+                    sum(&on_source),
+                    sum(&on_target)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The commit point: one transaction on the state file.
+fn commit(state: &ProxyState, job: &mut Job) -> ProxyResult<()> {
+    job.phase = Phase::Committed;
+    let body = serde_json::to_string(&*job).expect("a job serializes");
+    let from_epoch = job.from_epoch;
+    let id = job.id.clone();
+    state.cluster().update(|tx| {
+        let epoch: String =
+            tx.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })?;
+        if epoch.parse::<u64>().ok() != Some(from_epoch) {
+            return Err(ProxyError::Conflict(format!(
+                "membership changed during the job (epoch {epoch}, planned at {from_epoch})"
+            )));
+        }
+        tx.execute("DELETE FROM nodes WHERE state = 'leaving'", [])?;
+        tx.execute(
+            "UPDATE nodes SET state = 'active' WHERE state = 'joining'",
+            [],
+        )?;
+        bump_epoch(tx)?;
+        tx.execute(
+            "UPDATE jobs SET state = 'running', body = ?2 WHERE id = ?1",
+            params![id, body],
+        )?;
+        Ok(())
+    })?;
+    tracing::info!(job = %job.id, epoch = from_epoch + 1, "ownership switched");
+    Ok(())
+}
+
+/// Waits until no request holds `topology` any more (each routed request keeps the snapshot it
+/// routed by until its node call ends). Bounded: requests time out.
+async fn wait_for_requests(topology: Arc<Topology>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Arc::strong_count(&topology) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Drops capture, deletes the moved rows from each source, lifts its fence.
+async fn cleanup_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
+    for s in 0..job.sources.len() {
+        if job.sources[s].cleaned {
+            continue;
+        }
+        let source = job.sources[s].clone();
+        step_pause(state).await;
+        call(
+            state,
+            &source.id,
+            &source.url,
+            Method::DELETE,
+            "/v1/transfer/capture",
+            None,
+        )
+        .await?;
+        purge(state, &source.id, &source.url, &source.spans()).await?;
+        call(
+            state,
+            &source.id,
+            &source.url,
+            Method::DELETE,
+            "/v1/transfer/fences",
+            None,
+        )
+        .await?;
+        job.sources[s].cleaned = true;
+        save(state, job)?;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(ranges: &[(u32, u32, &str)]) -> Source {
+        Source {
+            id: "a".into(),
+            url: "http://127.0.0.1:1".into(),
+            ranges: ranges
+                .iter()
+                .map(|&(start, end, to)| Range {
+                    start,
+                    end,
+                    to: to.into(),
+                })
+                .collect(),
+            capturing: false,
+            purged: false,
+            copy: BTreeMap::new(),
+            applied_seq: 0,
+            cleaned: false,
+        }
+    }
+
+    #[test]
+    fn a_position_maps_to_the_target_of_its_range_only() {
+        let s = source(&[(0, 9, "b"), (20, 29, "c"), (30, 30, "b")]);
+        assert_eq!(s.target_of(0), Some("b"));
+        assert_eq!(s.target_of(9), Some("b"));
+        assert_eq!(s.target_of(10), None);
+        assert_eq!(s.target_of(19), None);
+        assert_eq!(s.target_of(25), Some("c"));
+        assert_eq!(s.target_of(30), Some("b"));
+        assert_eq!(s.target_of(31), None);
+        assert_eq!(s.target_of(u32::MAX), None);
+        assert_eq!(s.targets(), vec!["b", "c"]);
+        assert_eq!(s.spans_to("b"), vec![[0, 9], [30, 30]]);
+    }
+
+    fn node(id: &str, state: MemberState) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            url: "http://127.0.0.1:1".into(),
+            state,
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn a_joining_node_receives_and_a_leaving_node_gives() {
+        let topology = Topology::new(
+            1,
+            64,
+            vec![
+                node("a", MemberState::Active),
+                node("b", MemberState::Active),
+                node("c", MemberState::Joining),
+            ],
+        )
+        .unwrap();
+        let next = next_ring(&topology).unwrap();
+        let planned = sources(&topology, &next);
+        assert!(!planned.is_empty());
+        for s in &planned {
+            assert!(
+                s.ranges.iter().all(|r| r.to == "c"),
+                "rows only go to the new node"
+            );
+        }
+
+        let topology = Topology::new(
+            1,
+            64,
+            vec![
+                node("a", MemberState::Active),
+                node("b", MemberState::Leaving),
+            ],
+        )
+        .unwrap();
+        let next = next_ring(&topology).unwrap();
+        let planned = sources(&topology, &next);
+        assert_eq!(planned.len(), 1);
+        assert_eq!(planned[0].id, "b", "only the leaving node gives rows");
+        for i in 0..100_000u32 {
+            let point = i.wrapping_mul(2_654_435_761);
+            let owner = topology.ring.owner_of(point).unwrap().as_str();
+            let target = planned[0].target_of(point);
+            assert_eq!(
+                target.is_some(),
+                owner == "b",
+                "b gives all of its positions, only them"
+            );
+            assert!(target.is_none_or(|t| t == "a"));
+        }
+    }
+
+    #[test]
+    fn the_last_nodes_cannot_all_leave() {
+        let topology = Topology::new(1, 64, vec![node("a", MemberState::Leaving)]).unwrap();
+        assert!(matches!(next_ring(&topology), Err(ProxyError::Conflict(_))));
+    }
+}
