@@ -44,6 +44,7 @@ impl Client {
             upstream: Upstream::new(UpstreamConfig {
                 connect_timeout: Duration::from_secs(2),
                 request_timeout: Duration::from_secs(60),
+                bearer: None,
             }),
             base: base.into(),
         }
@@ -203,6 +204,7 @@ impl TestCluster {
         config.upstream = UpstreamConfig {
             connect_timeout: Duration::from_millis(500),
             request_timeout: Duration::from_secs(10),
+            bearer: None,
         };
         let proxy = shardlite::ProxyState::open(config).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -332,3 +334,63 @@ impl Drop for Spawned {
         self.kill();
     }
 }
+
+impl TestCluster {
+    /// Starts one more in-process node and adds it through `POST /v1/cluster/nodes` (joining).
+    pub async fn add_node(&mut self, id: &str) -> Value {
+        let node = InProcessNode::start(id, self.dir.path().join(format!("{id}.db"))).await;
+        let (status, body) = self
+            .client
+            .post("/v1/cluster/nodes", json!({ "id": id, "url": node.url }))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "adding {id}: {body}");
+        self.nodes.push(node);
+        body
+    }
+}
+
+/// Starts a rebalance and waits (bounded) for it to end; returns the final job status.
+pub async fn rebalance_and_wait(client: &Client) -> Value {
+    let (status, body) = client.post("/v1/cluster/rebalance", Value::Null).await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "starting the rebalance: {body}"
+    );
+    wait_for_rebalance(client, Duration::from_secs(120)).await
+}
+
+/// Polls `GET /v1/cluster/rebalance` until the job is no longer running.
+pub async fn wait_for_rebalance(client: &Client, limit: Duration) -> Value {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Ok((StatusCode::OK, status)) = client
+            .try_raw(Method::GET, "/v1/cluster/rebalance", None)
+            .await
+            && status["state"] != "running"
+        {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rebalance did not end within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The ring a `GET /v1/cluster` answer describes (active and leaving nodes own data).
+pub fn ring_of(cluster: &Value) -> shardlite_ring::Ring {
+    let members = cluster["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["state"] != "joining")
+        .map(|n| shardlite_ring::Member {
+            id: shardlite_ring::NodeId::new(n["id"].as_str().unwrap()),
+            weight: n["weight"].as_u64().unwrap() as u32,
+        });
+    shardlite_ring::Ring::new(members, shardlite_ring::DEFAULT_VNODES).unwrap()
+}
+
+pub mod history;

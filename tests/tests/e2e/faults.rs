@@ -37,6 +37,7 @@ impl ProcessCluster {
         config.upstream = UpstreamConfig {
             connect_timeout: Duration::from_millis(300),
             request_timeout: Duration::from_secs(5),
+            bearer: None,
         };
         let state = shardlite::ProxyState::open(config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -111,7 +112,18 @@ async fn a_killed_node_costs_only_its_keys_and_loses_nothing() {
         .await;
     assert!(status == 200 || status == 503);
 
-    // The node comes back on the same address with its file: nothing acknowledged was lost.
+    // The health checks mark it down: status shows it, and its keys get 503 with Retry-After.
+    let down = wait_for_down(&c, "n2", true).await;
+    assert_eq!(down["reachable"], false, "{down}");
+    let n2_key = keys.iter().find(|k| owner[*k] == "n2").unwrap();
+    let reply = c
+        .try_raw(http::Method::GET, &Client::row_path("users", n2_key), None)
+        .await
+        .unwrap();
+    assert_eq!(reply.0, 503);
+
+    // The node comes back on the same address with its file: the proxy notices, and nothing
+    // acknowledged was lost.
     let db = cluster.dir.path().join("n2.db");
     cluster.nodes[1] = Spawned::start(&[
         "node",
@@ -120,9 +132,33 @@ async fn a_killed_node_costs_only_its_keys_and_loses_nothing() {
         "--db",
         db.to_str().unwrap(),
     ]);
+    wait_for_down(&c, "n2", false).await;
     for key in keys.iter().filter(|k| owner[*k] == "n2") {
         let (status, body) = c.get(&Client::row_path("users", key)).await;
         assert_eq!(status, 200, "{key} after the restart: {body}");
         assert_eq!(body["name"], json!(key));
+    }
+}
+
+/// Polls `GET /v1/cluster/status` until `node`'s `down` flag is `down`; returns its entry.
+async fn wait_for_down(c: &Client, node: &str, down: bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, status) = c.get("/v1/cluster/status").await;
+        let entry = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == node)
+            .unwrap()
+            .clone();
+        if entry["down"] == down {
+            return entry;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node} never became down={down}: {entry}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -5,5 +5,7 @@ mod bad_input;
 mod cli;
 mod faults;
 mod migrations;
+mod rebalance;
+mod rebalance_faults;
 mod rows;
 mod sql;

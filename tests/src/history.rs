@@ -1,0 +1,262 @@
+//! A history checker in the style of Jepsen's `set-full`: writers upsert and delete their own
+//! keys while the cluster changes under them; every operation is recorded as acknowledged,
+//! refused, or indeterminate (a timeout or a dropped connection may or may not have happened).
+//! Afterwards each key must hold the result of its last acknowledged write, or of an
+//! indeterminate one after it: an acknowledged write lost, or an acknowledged delete undone,
+//! fails the check.
+
+use crate::Client;
+use http::StatusCode;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// What a key holds: absent, or a row whose `name` is this value.
+pub type KeyState = Option<String>;
+
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Acked,
+    /// Definitely not applied (a 4xx other than "not found" on delete).
+    Refused,
+    Indeterminate,
+}
+
+#[derive(Clone, Debug)]
+pub struct Op {
+    pub key: String,
+    pub result: KeyState,
+    pub outcome: Outcome,
+}
+
+/// What one writer did.
+#[derive(Default, Debug)]
+pub struct WriterLog {
+    pub ops: Vec<Op>,
+    pub errors: u64,
+    pub longest: Duration,
+    /// Reads (after an acknowledged write, with nothing indeterminate pending) that did not
+    /// return what was written.
+    pub stale_reads: Vec<String>,
+}
+
+/// A tiny seeded PRNG (xorshift64*), so every run can be replayed from its seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// Runs one writer on `keys` until `stop`: 80% upserts (each with a fresh value), 20% deletes,
+/// and a read-back after a third of the acknowledged writes.
+pub async fn write_until(
+    client: Client,
+    table: &'static str,
+    keys: Vec<String>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> WriterLog {
+    let mut rng = Rng::new(seed);
+    let mut log = WriterLog::default();
+    let mut unsure: HashMap<String, bool> = HashMap::new();
+    let mut known: HashMap<String, KeyState> = HashMap::new();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let key = keys[rng.below(keys.len() as u64) as usize].clone();
+        let path = Client::row_path(table, &key);
+        n += 1;
+        let started = Instant::now();
+        let (result, answer) = if rng.below(5) == 0 {
+            (
+                None,
+                client.try_raw(http::Method::DELETE, &path, None).await,
+            )
+        } else {
+            let value = format!("{key}#{seed}-{n}");
+            let body = bytes::Bytes::from(json!({ "name": value }).to_string());
+            (
+                Some(value),
+                client.try_raw(http::Method::PUT, &path, Some(body)).await,
+            )
+        };
+        log.longest = log.longest.max(started.elapsed());
+        let outcome = match &answer {
+            Ok((status, _)) if status.is_success() => Outcome::Acked,
+            Ok((StatusCode::NOT_FOUND, _)) if result.is_none() => Outcome::Acked,
+            Ok((status, _)) if status.is_client_error() => Outcome::Refused,
+            _ => Outcome::Indeterminate,
+        };
+        if !matches!(outcome, Outcome::Acked) {
+            log.errors += 1;
+        }
+        match outcome {
+            Outcome::Acked => {
+                unsure.insert(key.clone(), false);
+                known.insert(key.clone(), result.clone());
+            }
+            Outcome::Indeterminate => {
+                unsure.insert(key.clone(), true);
+            }
+            Outcome::Refused => {}
+        }
+        log.ops.push(Op {
+            key: key.clone(),
+            result,
+            outcome,
+        });
+        let check_read = rng.below(3) == 0 && !unsure.get(&key).copied().unwrap_or(false);
+        if check_read
+            && let (Ok((status, row)), Some(expected)) = (
+                client.try_raw(http::Method::GET, &path, None).await,
+                known.get(&key),
+            )
+        {
+            let seen = read_state(status, &row);
+            if seen.as_ref().map(|s| s.as_ref()) != Some(expected.as_ref())
+                && status != StatusCode::SERVICE_UNAVAILABLE
+            {
+                log.stale_reads
+                    .push(format!("{key}: wrote {expected:?}, read {status} {row}"));
+            }
+        }
+    }
+    log
+}
+
+/// The state a GET answer shows; `None` when the answer says nothing (an error).
+pub fn read_state(status: StatusCode, row: &Value) -> Option<KeyState> {
+    match status {
+        StatusCode::OK => Some(row["name"].as_str().map(str::to_owned)),
+        StatusCode::NOT_FOUND => Some(None),
+        _ => None,
+    }
+}
+
+/// Checks the final state of every key against the history; returns the violations.
+pub fn check(logs: &[WriterLog], final_state: &HashMap<String, KeyState>) -> Vec<String> {
+    let mut per_key: HashMap<&str, Vec<&Op>> = HashMap::new();
+    for log in logs {
+        for op in &log.ops {
+            per_key.entry(op.key.as_str()).or_default().push(op);
+        }
+    }
+    let mut violations = Vec::new();
+    for (key, ops) in per_key {
+        let last_acked = ops
+            .iter()
+            .rposition(|op| matches!(op.outcome, Outcome::Acked));
+        let mut allowed: Vec<KeyState> = Vec::new();
+        let from = match last_acked {
+            Some(i) => {
+                allowed.push(ops[i].result.clone());
+                i + 1
+            }
+            None => {
+                allowed.push(None);
+                0
+            }
+        };
+        if last_acked.is_none() {
+            // Before the first acknowledged op, any indeterminate op may have landed too.
+            allowed.extend(ops.iter().map(|op| op.result.clone()));
+        }
+        allowed.extend(
+            ops[from..]
+                .iter()
+                .filter(|op| matches!(op.outcome, Outcome::Indeterminate))
+                .map(|op| op.result.clone()),
+        );
+        let actual = final_state.get(key).cloned().unwrap_or(None);
+        if !allowed.contains(&actual) {
+            violations.push(format!(
+                "{key}: holds {actual:?}, allowed {allowed:?} (last acknowledged: {:?})",
+                last_acked.map(|i| &ops[i].result)
+            ));
+        }
+    }
+    violations
+}
+
+/// Reads the final state of `keys` through the proxy.
+pub async fn final_state(
+    client: &Client,
+    table: &str,
+    keys: &[String],
+) -> HashMap<String, KeyState> {
+    let mut state = HashMap::new();
+    for key in keys {
+        let (status, row) = client.get(&Client::row_path(table, key)).await;
+        let seen = read_state(status, &row)
+            .unwrap_or_else(|| panic!("final read of {key}: {status} {row}"));
+        state.insert(key.clone(), seen);
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(key: &str, result: Option<&str>, outcome: Outcome) -> Op {
+        Op {
+            key: key.into(),
+            result: result.map(str::to_owned),
+            outcome,
+        }
+    }
+
+    #[test]
+    fn a_lost_write_and_an_undone_delete_are_caught() {
+        let log = WriterLog {
+            ops: vec![
+                op("a", Some("1"), Outcome::Acked),
+                op("a", Some("2"), Outcome::Acked),
+                op("b", Some("1"), Outcome::Acked),
+                op("b", None, Outcome::Acked),
+                op("c", Some("1"), Outcome::Acked),
+                op("c", Some("2"), Outcome::Indeterminate),
+            ],
+            ..WriterLog::default()
+        };
+        let good: HashMap<String, KeyState> = [("a", Some("2")), ("b", None), ("c", Some("1"))]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.map(str::to_owned)))
+            .collect();
+        assert!(check(std::slice::from_ref(&log), &good).is_empty());
+        let mut also_good = good.clone();
+        also_good.insert("c".into(), Some("2".into()));
+        assert!(
+            check(std::slice::from_ref(&log), &also_good).is_empty(),
+            "an indeterminate write may land"
+        );
+        let mut lost = good.clone();
+        lost.insert("a".into(), Some("1".into()));
+        assert_eq!(
+            check(std::slice::from_ref(&log), &lost).len(),
+            1,
+            "a lost write"
+        );
+        let mut undone = good;
+        undone.insert("b".into(), Some("1".into()));
+        assert_eq!(
+            check(std::slice::from_ref(&log), &undone).len(),
+            1,
+            "a resurrected delete"
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! Online rebalance (contract guarantees 2–4): writers keep going while a node joins or leaves;
+//! afterwards the history checks out, `verify` is clean, and only rows whose owner changed moved.
+
+use serde_json::{Value, json};
+use shardlite_tests::history::{self, WriterLog};
+use shardlite_tests::{Client, TestCluster, keys_in_file, rebalance_and_wait, ring_of};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const PRELOADED: usize = 4000;
+const WRITERS: u64 = 4;
+
+fn seed() -> u64 {
+    let seed = std::env::var("SHARDLITE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("history seed: {seed} (replay with SHARDLITE_TEST_SEED={seed})");
+    seed
+}
+
+async fn preload(client: &Client) -> Vec<String> {
+    let keys: Vec<String> = (0..PRELOADED).map(|i| format!("still-{i}")).collect();
+    for chunk in keys.chunks(1000) {
+        let rows: Vec<Value> = chunk
+            .iter()
+            .map(|k| json!({ "id": k, "name": k }))
+            .collect();
+        let (status, body) = client
+            .post("/v1/tables/users/rows", json!({ "rows": rows }))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    keys
+}
+
+/// Where each key's row is, read from the node files.
+fn placement(cluster: &TestCluster) -> HashMap<String, Vec<String>> {
+    let mut at: HashMap<String, Vec<String>> = HashMap::new();
+    for node in &cluster.nodes {
+        for key in keys_in_file(&node.db, "users") {
+            at.entry(key).or_default().push(node.id.clone());
+        }
+    }
+    at
+}
+
+struct Writers {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<WriterLog>>,
+    keys: Vec<String>,
+}
+
+fn start_writers(client: &Client, seed: u64) -> Writers {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    let mut all = Vec::new();
+    for w in 0..WRITERS {
+        let keys: Vec<String> = (0..40).map(|i| format!("w{w}-{i}")).collect();
+        all.extend(keys.clone());
+        tasks.push(tokio::spawn(history::write_until(
+            client.clone(),
+            "users",
+            keys,
+            seed.wrapping_add(w * 7919),
+            stop.clone(),
+        )));
+    }
+    Writers {
+        stop,
+        tasks,
+        keys: all,
+    }
+}
+
+impl Writers {
+    async fn finish(self, client: &Client) -> (Vec<WriterLog>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut logs = Vec::new();
+        for task in self.tasks {
+            logs.push(task.await.unwrap());
+        }
+        let state = history::final_state(client, "users", &self.keys).await;
+        let mut violations = history::check(&logs, &state);
+        for log in &logs {
+            violations.extend(log.stale_reads.iter().cloned());
+        }
+        (logs, violations)
+    }
+}
+
+fn report(logs: &[WriterLog]) -> (u64, u64, Duration) {
+    let ops: u64 = logs.iter().map(|l| l.ops.len() as u64).sum();
+    let errors: u64 = logs.iter().map(|l| l.errors).sum();
+    let longest = logs.iter().map(|l| l.longest).max().unwrap_or_default();
+    eprintln!("writers: {ops} ops, {errors} errors, longest op {longest:?}");
+    (ops, errors, longest)
+}
+
+/// Every preloaded key is on exactly one node afterwards; it moved iff its owner changed, and
+/// then only to its new owner.
+fn assert_minimal_movement(
+    before: &HashMap<String, Vec<String>>,
+    after: &HashMap<String, Vec<String>>,
+    old: &shardlite_ring::Ring,
+    new: &shardlite_ring::Ring,
+    keys: &[String],
+) -> usize {
+    let mut moved = 0;
+    for key in keys {
+        let was = &before[key];
+        let now = after.get(key).unwrap_or_else(|| panic!("{key} was lost"));
+        assert_eq!(was.len(), 1, "{key} on {was:?} before");
+        assert_eq!(now.len(), 1, "{key} on {now:?} after: one copy only");
+        let (old_owner, new_owner) = (
+            old.lookup(key).unwrap().as_str(),
+            new.lookup(key).unwrap().as_str(),
+        );
+        assert_eq!(was[0], old_owner);
+        assert_eq!(now[0], new_owner, "{key} lives on its new owner");
+        if old_owner != new_owner {
+            moved += 1;
+        }
+    }
+    moved
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_node_while_writing_loses_nothing_and_moves_only_to_it() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client.clone();
+    let still = preload(&client).await;
+    let (_, before_cluster) = client.get("/v1/cluster").await;
+    let before = placement(&cluster);
+    let writers = start_writers(&client, seed());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    cluster.add_node("n4").await;
+    let (status, plan) = client
+        .post("/v1/cluster/rebalance?dry_run=true", Value::Null)
+        .await;
+    assert_eq!(status, 200, "{plan}");
+    assert!(
+        plan["moves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["to"] == "n4"),
+        "{plan}"
+    );
+    let planned: u64 = plan["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(plan["rows_to_move"], planned);
+    assert!(
+        keys_in_file(&cluster.node("n4").db, "users").is_empty(),
+        "the dry run moved nothing"
+    );
+
+    let done = rebalance_and_wait(&client).await;
+    assert_eq!(done["state"], "done", "{done}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (logs, violations) = writers.finish(&client).await;
+    assert!(
+        violations.is_empty(),
+        "history violations:\n{}",
+        violations.join("\n")
+    );
+    let (ops, errors, _) = report(&logs);
+    assert!(ops > 100, "the writers ran during the job ({ops} ops)");
+    assert!(
+        (errors as f64) < ops as f64 * 0.01,
+        "{errors} errors in {ops} ops"
+    );
+
+    let (_, after_cluster) = client.get("/v1/cluster").await;
+    assert!(
+        after_cluster["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "active"),
+        "{after_cluster}"
+    );
+    assert_eq!(
+        after_cluster["epoch"].as_u64().unwrap(),
+        before_cluster["epoch"].as_u64().unwrap() + 2,
+        "join + switch"
+    );
+    let moved = assert_minimal_movement(
+        &before,
+        &placement(&cluster),
+        &ring_of(&before_cluster),
+        &ring_of(&after_cluster),
+        &still,
+    );
+    let fraction = moved as f64 / still.len() as f64;
+    assert!(
+        (0.15..0.35).contains(&fraction),
+        "about a quarter moved, got {fraction}"
+    );
+
+    let (_, report) = client.get("/v1/cluster/verify").await;
+    assert_eq!(
+        (report["misplaced"].clone(), report["duplicates"].clone()),
+        (json!(0), json!(0)),
+        "{report}"
+    );
+    for node in &cluster.nodes {
+        let conn = rusqlite::Connection::open_with_flags(
+            &node.db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let leftovers: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' OR name = '_shardlite_changes'", [], |r| r.get(0))
+            .unwrap();
+        let fences: i64 = conn
+            .query_row("SELECT count(*) FROM _shardlite_fences", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            (leftovers, fences),
+            (0, 0),
+            "no capture or fence left on {}",
+            node.id
+        );
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_while_writing_drains_it() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client.clone();
+    let still = preload(&client).await;
+    let (_, before_cluster) = client.get("/v1/cluster").await;
+    let before = placement(&cluster);
+    let writers = start_writers(&client, seed());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let (status, body) = client.delete("/v1/cluster/nodes/n2").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["state"], "leaving");
+    let done = rebalance_and_wait(&client).await;
+    assert_eq!(done["state"], "done", "{done}");
+    let (logs, violations) = writers.finish(&client).await;
+    assert!(
+        violations.is_empty(),
+        "history violations:\n{}",
+        violations.join("\n")
+    );
+    let (ops, errors, _) = report(&logs);
+    assert!(
+        (errors as f64) < ops as f64 * 0.01,
+        "{errors} errors in {ops} ops"
+    );
+
+    let (_, after_cluster) = client.get("/v1/cluster").await;
+    let ids: Vec<&str> = after_cluster["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["n1", "n3"], "n2 left the topology");
+    let after = placement(&cluster);
+    let moved = assert_minimal_movement(
+        &before,
+        &after,
+        &ring_of(&before_cluster),
+        &ring_of(&after_cluster),
+        &still,
+    );
+    let on_n2 = before.values().filter(|at| at[0] == "n2").count();
+    assert!(moved >= on_n2 - WRITERS as usize * 40, "n2's rows moved");
+    assert!(
+        keys_in_file(&cluster.node("n2").db, "users").is_empty(),
+        "n2 is drained"
+    );
+    let (_, report) = client.get("/v1/cluster/verify").await;
+    assert_eq!(
+        (report["misplaced"].clone(), report["duplicates"].clone()),
+        (json!(0), json!(0)),
+        "{report}"
+    );
+    let per_node: BTreeMap<String, u64> = report["nodes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v["rows"].as_u64().unwrap()))
+        .collect();
+    assert!(!per_node.contains_key("n2"), "{per_node:?}");
+    cluster.stop().await;
+}

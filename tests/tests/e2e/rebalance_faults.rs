@@ -1,0 +1,258 @@
+//! Guarantee 4 for the rebalance: `kill -9` of the proxy or of a source node at a chosen step,
+//! then a restart; the job resumes by itself, `shardlite rebalance` waits for it, and the
+//! history, `verify` and the node files all check out.
+
+use serde_json::{Value, json};
+use shardlite_tests::history::{self, WriterLog};
+use shardlite_tests::{Client, Spawned, sample_migrations, shardlite_bin, wait_for_rebalance};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const ROWS: usize = 12_000;
+/// Each copy page and phase pauses this long, so a kill lands in the chosen step.
+const STEP_PAUSE_MS: &str = "150";
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<Spawned>,
+    proxy: Spawned,
+    proxy_args: Vec<String>,
+    client: Client,
+}
+
+fn node_args(dir: &std::path::Path, id: &str, listen: &str) -> Vec<String> {
+    vec![
+        "node".into(),
+        "--listen".into(),
+        listen.into(),
+        "--db".into(),
+        dir.join(format!("{id}.db")).display().to_string(),
+    ]
+}
+
+fn start(args: &[String]) -> Spawned {
+    Spawned::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<Spawned> = (1..=3)
+            .map(|i| start(&node_args(dir.path(), &format!("n{i}"), "127.0.0.1:0")))
+            .collect();
+        let mut proxy_args: Vec<String> = vec![
+            "proxy".into(),
+            "--state".into(),
+            dir.path().join("proxy.db").display().to_string(),
+            "--test-rebalance-pause-ms".into(),
+            STEP_PAUSE_MS.into(),
+            "--connect-timeout-ms".into(),
+            "300".into(),
+        ];
+        for (i, n) in nodes.iter().enumerate() {
+            proxy_args.push("--node".into());
+            proxy_args.push(format!("n{}={}", i + 1, n.url));
+        }
+        let mut first = proxy_args.clone();
+        first.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        let proxy = start(&first);
+        let client = Client::new(&proxy.url);
+        let set = shardlite::migrate::read_dir(&sample_migrations()).unwrap();
+        let (status, body) = client
+            .post("/v1/cluster/migrations", json!({ "migrations": set }))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let keys: Vec<String> = (0..ROWS).map(|i| format!("still-{i}")).collect();
+        for chunk in keys.chunks(2000) {
+            let rows: Vec<Value> = chunk
+                .iter()
+                .map(|k| json!({ "id": k, "name": k }))
+                .collect();
+            let (status, body) = client
+                .post("/v1/tables/users/rows", json!({ "rows": rows }))
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        Cluster {
+            dir,
+            nodes,
+            proxy,
+            proxy_args,
+            client,
+        }
+    }
+
+    fn restart_proxy(&mut self) {
+        let mut args = self.proxy_args.clone();
+        args.extend([
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.proxy.port()),
+        ]);
+        self.proxy = start(&args);
+    }
+
+    fn restart_node(&mut self, i: usize) {
+        let port = self.nodes[i].port();
+        self.nodes[i] = start(&node_args(
+            self.dir.path(),
+            &format!("n{}", i + 1),
+            &format!("127.0.0.1:{port}"),
+        ));
+    }
+}
+
+/// Waits until the job reports `phase` (and, for copy, some rows moved).
+async fn wait_for_phase(client: &Client, phase: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, status) = client.get("/v1/cluster/rebalance").await;
+        assert_eq!(
+            status["state"], "running",
+            "the job ended before the {phase} step: {status}"
+        );
+        if status["phase"] == phase
+            && (phase != "copy" || status["rows_moved"].as_u64().unwrap_or(0) > 0)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {phase} step: {status}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+enum Victim {
+    Proxy,
+    SourceNode,
+}
+
+async fn kill_during(phase: &str, victim: Victim) {
+    let mut cluster = Cluster::start().await;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("history seed: {seed}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut keys = Vec::new();
+    let mut writers = Vec::new();
+    for w in 0..3u64 {
+        let own: Vec<String> = (0..30).map(|i| format!("w{w}-{i}")).collect();
+        keys.extend(own.clone());
+        writers.push(tokio::spawn(history::write_until(
+            cluster.client.clone(),
+            "users",
+            own,
+            seed + w,
+            stop.clone(),
+        )));
+    }
+
+    let n4 = start(&node_args(cluster.dir.path(), "n4", "127.0.0.1:0"));
+    let (status, body) = cluster
+        .client
+        .post("/v1/cluster/nodes", json!({ "id": "n4", "url": n4.url }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = cluster
+        .client
+        .post("/v1/cluster/rebalance", Value::Null)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    wait_for_phase(&cluster.client, phase).await;
+
+    match victim {
+        Victim::Proxy => {
+            cluster.proxy.kill();
+            cluster.restart_proxy();
+        }
+        Victim::SourceNode => {
+            cluster.nodes[0].kill();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            cluster.restart_node(0);
+        }
+    }
+
+    // `shardlite rebalance` finds the resumed job and waits for it.
+    let url = cluster.proxy.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(shardlite_bin())
+            .args(["rebalance", "--proxy", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "shardlite rebalance: {text}");
+    let done = wait_for_rebalance(&cluster.client, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "done", "{done}");
+
+    stop.store(true, Ordering::Relaxed);
+    let mut logs: Vec<WriterLog> = Vec::new();
+    for w in writers {
+        logs.push(w.await.unwrap());
+    }
+    let state = history::final_state(&cluster.client, "users", &keys).await;
+    let mut violations = history::check(&logs, &state);
+    for log in &logs {
+        violations.extend(log.stale_reads.iter().cloned());
+    }
+    assert!(
+        violations.is_empty(),
+        "history violations:\n{}",
+        violations.join("\n")
+    );
+
+    let (_, report) = cluster.client.get("/v1/cluster/verify").await;
+    assert_eq!(
+        (report["misplaced"].clone(), report["duplicates"].clone()),
+        (json!(0), json!(0)),
+        "{report}"
+    );
+    let writer_rows = state.values().filter(|v| v.is_some()).count() as u64;
+    assert_eq!(
+        report["rows_total"].as_u64().unwrap(),
+        ROWS as u64 + writer_rows,
+        "no row lost or doubled: {report}"
+    );
+    assert!(
+        report["nodes"]["n4"]["rows"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    for i in 1..=4 {
+        let db = cluster.dir.path().join(format!("n{i}.db"));
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        let leftovers: i64 = conn
+            .query_row("SELECT (SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' OR name = '_shardlite_changes') + (SELECT count(*) FROM _shardlite_fences)", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(leftovers, 0, "n{i} keeps no capture, log or fence");
+    }
+    drop(n4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_killed_mid_copy_resumes_the_job() {
+    kill_during("copy", Victim::Proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_killed_while_fenced_resumes_the_job() {
+    kill_during("fenced", Victim::Proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_killed_during_cleanup_finishes_the_job() {
+    kill_during("committed", Victim::Proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_node_killed_mid_copy_does_not_stop_the_job() {
+    kill_during("copy", Victim::SourceNode).await;
+}
