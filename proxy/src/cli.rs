@@ -69,6 +69,9 @@ pub struct NodeArgs {
     /// Longest time one client statement may run, in milliseconds (504 after it).
     #[arg(long, env = "SHARDLITE_STATEMENT_TIMEOUT_MS", default_value_t = 5000)]
     pub statement_timeout_ms: u64,
+    /// Answer only requests carrying this secret (the proxy's --cluster-secret); /healthz stays open.
+    #[arg(long, env = "SHARDLITE_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -276,6 +279,7 @@ async fn run_node(args: NodeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCod
     let mut config = shardlite_node::NodeConfig::new(&args.db);
     config.readers = args.readers.max(1);
     config.statement_timeout = Duration::from_millis(args.statement_timeout_ms);
+    config.cluster_secret = args.cluster_secret.clone();
     if let Some(dir) = args.db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;

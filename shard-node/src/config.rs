@@ -42,6 +42,9 @@ pub struct NodeConfig {
     pub max_body_bytes: usize,
     /// `PRAGMA synchronous` on every connection.
     pub synchronous: Synchronous,
+    /// When set, every endpoint but `/healthz` needs `Authorization: Bearer <secret>`: the
+    /// proxy sends it, so a client that reaches the node directly cannot bypass the proxy.
+    pub cluster_secret: Option<String>,
 }
 
 impl NodeConfig {
@@ -56,6 +59,7 @@ impl NodeConfig {
             max_result_bytes: 64 * 1024 * 1024,
             max_body_bytes: 64 * 1024 * 1024,
             synchronous: Synchronous::Normal,
+            cluster_secret: None,
         }
     }
 }

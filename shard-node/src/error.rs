@@ -59,6 +59,9 @@ pub enum NodeError {
     NotAllowed(Denial),
     #[error("one statement per sql string: send a \"statements\" list to run several")]
     MultipleStatements,
+    /// The node has a cluster secret and the request did not carry it: only the proxy may call.
+    #[error("this node only answers its proxy: the request lacks the cluster secret")]
+    Unauthorized,
     #[error("result too large: {0}")]
     ResultTooLarge(String),
     #[error("statement timed out after {0:?}")]
@@ -133,6 +136,7 @@ impl NodeError {
             | NodeError::UnknownTable(_)
             | NodeError::RowNotFound { .. } => StatusCode::NOT_FOUND,
             NodeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            NodeError::Unauthorized => StatusCode::UNAUTHORIZED,
             NodeError::MigrationConflict(_)
             | NodeError::Fenced(_)
             | NodeError::CaptureNameClash { .. } => StatusCode::CONFLICT,

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::error::NodeError;
 use crate::fence;
@@ -34,8 +34,8 @@ use crate::stats::{self, StatsResponse};
 /// Every endpoint of `docs/node-api.md`, with request tracing and the body size limit.
 pub fn router(state: NodeState) -> Router {
     let max_body = state.config().max_body_bytes;
-    Router::new()
-        .route("/healthz", get(healthz))
+    let secret = state.config().cluster_secret.clone();
+    let api = Router::new()
         .route("/v1/schema", get(schema))
         .route(
             "/v1/tables/{table}/rows/{key}",
@@ -50,12 +50,42 @@ pub fn router(state: NodeState) -> Router {
             get(list_migrations).post(apply_migrations),
         )
         .merge(transfer::routes())
+        .layer(axum::middleware::from_fn_with_state(secret, require_secret));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(api)
         .fallback(unknown_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
         // The JSON extractor enforces it, so an oversized body is a 413 with a JSON body.
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(TraceLayer::new_for_http())
+        // Failures are logged once, where they become a response, not again here.
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         .with_state(state)
+}
+
+/// Refuses a request without the cluster secret (when the node has one), in constant time.
+async fn require_secret(
+    State(secret): State<Option<String>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use subtle::ConstantTimeEq;
+    if let Some(secret) = secret {
+        let given = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(secret.as_bytes())) {
+            return NodeError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// Serves `state` on an already-bound listener until `shutdown` completes, then lets

@@ -40,11 +40,16 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: impl Into<String>) -> Client {
+        Client::with_bearer(base, None)
+    }
+
+    /// A client that sends `Authorization: Bearer <token>` on every request.
+    pub fn with_bearer(base: impl Into<String>, token: Option<&str>) -> Client {
         Client {
             upstream: Upstream::new(UpstreamConfig {
                 connect_timeout: Duration::from_secs(2),
                 request_timeout: Duration::from_secs(60),
-                bearer: None,
+                bearer: token.map(str::to_owned),
             }),
             base: base.into(),
         }

@@ -1,6 +1,7 @@
 //! End-to-end scenarios: real proxies and nodes on 127.0.0.1 with temp dirs.
 //! One test binary for the whole package keeps link times short.
 
+mod auth;
 mod bad_input;
 mod cli;
 mod faults;
