@@ -69,6 +69,10 @@ pub struct NodeArgs {
     /// Longest time one client statement may run, in milliseconds (504 after it).
     #[arg(long, env = "SHARDLITE_STATEMENT_TIMEOUT_MS", default_value_t = 5000)]
     pub statement_timeout_ms: u64,
+    /// How hard a commit is synced: `full` (survives power loss) or `normal` (survives a
+    /// process crash; the last commits may roll back on power loss). Default: the node's default.
+    #[arg(long, env = "SHARDLITE_SYNCHRONOUS", value_parser = parse_synchronous)]
+    pub synchronous: Option<shardlite_node::Synchronous>,
     /// Answer only requests carrying this secret (the proxy's --cluster-secret); /healthz stays open.
     #[arg(long, env = "SHARDLITE_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
@@ -133,6 +137,14 @@ impl ProxyArgs {
             admin_token: self.admin_token.clone(),
         };
         config
+    }
+}
+
+fn parse_synchronous(text: &str) -> Result<shardlite_node::Synchronous, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "full" => Ok(shardlite_node::Synchronous::Full),
+        "normal" => Ok(shardlite_node::Synchronous::Normal),
+        _ => Err(format!("expected full or normal, got {text:?}")),
     }
 }
 
@@ -280,6 +292,9 @@ async fn run_node(args: NodeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCod
     config.readers = args.readers.max(1);
     config.statement_timeout = Duration::from_millis(args.statement_timeout_ms);
     config.cluster_secret = args.cluster_secret.clone();
+    if let Some(synchronous) = args.synchronous {
+        config.synchronous = synchronous;
+    }
     if let Some(dir) = args.db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;
