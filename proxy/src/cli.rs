@@ -101,6 +101,18 @@ pub struct ProxyArgs {
     /// How long a call to a node may take before it counts as timed out (504), in milliseconds.
     #[arg(long, env = "SHARDLITE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    /// Most rows in one batch upsert (400 above it).
+    #[arg(long, env = "SHARDLITE_MAX_BATCH_ROWS", default_value_t = 10_000)]
+    pub max_batch_rows: usize,
+    /// Most statements in one `statements` list (400 above it).
+    #[arg(long, env = "SHARDLITE_MAX_STATEMENTS", default_value_t = 1_000)]
+    pub max_statements: usize,
+    /// Most bytes of one SQL text (400 above it).
+    #[arg(long, env = "SHARDLITE_MAX_SQL_BYTES", default_value_t = 1_000_000)]
+    pub max_sql_bytes: usize,
+    /// Most requests served at once (503 with Retry-After above it).
+    #[arg(long, env = "SHARDLITE_MAX_IN_FLIGHT", default_value_t = 4_096)]
+    pub max_in_flight: usize,
     /// Clients of the data API must send `Authorization: Bearer <token>` (off when unset).
     #[arg(long, env = "SHARDLITE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -127,6 +139,13 @@ impl ProxyArgs {
         config.vnodes = self.vnodes;
         config.max_body_bytes = self.max_body_bytes;
         config.rebalance_step_pause = Duration::from_millis(self.test_rebalance_pause_ms);
+        config.limits = crate::server::Limits {
+            max_batch_rows: self.max_batch_rows,
+            max_statements: self.max_statements,
+            max_sql_bytes: self.max_sql_bytes,
+            max_in_flight: self.max_in_flight,
+            ..crate::server::Limits::default()
+        };
         config.upstream = UpstreamConfig {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             request_timeout: Duration::from_millis(self.request_timeout_ms),

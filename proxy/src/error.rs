@@ -50,6 +50,9 @@ pub enum ProxyError {
     /// A node answered 200 with a body the proxy cannot read: a version mismatch or a bug.
     #[error("node {node} sent an answer the proxy cannot read: {reason}")]
     BadNodeAnswer { node: String, reason: String },
+    /// The proxy is at its limit of requests in flight.
+    #[error("{0}")]
+    Overloaded(String),
     /// The cluster has no node that could serve the request.
     #[error("the cluster has no nodes: add one with `shardlite nodes add ID URL`")]
     NoNodes,
@@ -69,9 +72,9 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Conflict(_) => StatusCode::CONFLICT,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::ShardUnavailable { .. } | ProxyError::NoNodes => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::ShardUnavailable { .. }
+            | ProxyError::NoNodes
+            | ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ShardTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Node { status, .. } => *status,
             ProxyError::BadNodeAnswer { .. } => StatusCode::BAD_GATEWAY,
@@ -109,7 +112,7 @@ impl IntoResponse for ProxyError {
         }
         let retry = matches!(
             self,
-            ProxyError::ShardUnavailable { .. } | ProxyError::NoNodes
+            ProxyError::ShardUnavailable { .. } | ProxyError::NoNodes | ProxyError::Overloaded(_)
         );
         let challenge = matches!(self, ProxyError::Unauthorized(_));
         let mut response = (status, error_body(&self.message())).into_response();

@@ -218,6 +218,13 @@ async fn upsert_rows(
         .table(&table, &topology, state.upstream())
         .await?;
 
+    let limit = state.config().limits.max_batch_rows;
+    if batch.rows.len() > limit {
+        return Err(ProxyError::BadRequest(format!(
+            "a batch holds at most {limit} rows, this one {}: split it",
+            batch.rows.len()
+        )));
+    }
     // Validate every row before anything is sent: one bad row refuses the whole batch.
     let mut pending: Vec<(&Value, String)> = Vec::with_capacity(batch.rows.len());
     for (index, row) in batch.rows.iter().enumerate() {
@@ -321,6 +328,18 @@ struct SqlRequest {
     statements: Option<Vec<Value>>,
 }
 
+/// Refuses SQL text longer than the limit before any node parses it.
+fn check_sql_length(state: &ProxyState, sql: &str) -> ProxyResult<()> {
+    let limit = state.config().limits.max_sql_bytes;
+    if sql.len() > limit {
+        return Err(ProxyError::BadRequest(format!(
+            "SQL text of {} bytes; the limit is {limit}",
+            sql.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The routing text of the `key` of a keyed SQL request: a string as it is, an integer as its
 /// decimal text (so 42 and "42" reach the same shard, as they do through the row API).
 fn sql_key(key: &Value) -> ProxyResult<String> {
@@ -350,6 +369,7 @@ async fn sql(
             ));
         }
         (Some(sql), None) => {
+            check_sql_length(&state, sql)?;
             forward.insert("sql".into(), Value::String(sql.clone()));
             if let Some(params) = request.params {
                 forward.insert("params".into(), Value::Array(params));
@@ -366,6 +386,19 @@ async fn sql(
                     "a statement list runs as one transaction on one shard: it needs a \"key\""
                         .into(),
                 ));
+            }
+            let limits = &state.config().limits;
+            if statements.len() > limits.max_statements {
+                return Err(ProxyError::BadRequest(format!(
+                    "{} statements in one request; the limit is {}",
+                    statements.len(),
+                    limits.max_statements
+                )));
+            }
+            for statement in statements {
+                if let Some(sql) = statement.get("sql").and_then(Value::as_str) {
+                    check_sql_length(&state, sql)?;
+                }
             }
             forward.insert("statements".into(), Value::Array(statements.clone()));
         }
@@ -436,6 +469,13 @@ async fn scatter_read(
         }
         if let Some(Value::Array(node_rows)) = result.get("rows") {
             rows.extend(node_rows.iter().cloned());
+        }
+        let limit = state.config().limits.max_result_rows;
+        if rows.len() > limit {
+            return Err(ProxyError::BadRequest(format!(
+                "the shards' answers hold more than {limit} rows together: narrow the query \
+                 or add a LIMIT"
+            )));
         }
     }
     let merged = json!({

@@ -36,6 +36,34 @@ pub struct ProxyConfig {
     pub upstream: UpstreamConfig,
     pub health: HealthConfig,
     pub auth: AuthConfig,
+    pub limits: Limits,
+}
+
+/// Sizes the proxy refuses above, each with a clear 4xx (or 503 for load).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Rows in one `POST /v1/tables/{table}/rows`.
+    pub max_batch_rows: usize,
+    /// Statements in one `statements` list.
+    pub max_statements: usize,
+    /// Bytes of one SQL text, checked before any node parses it.
+    pub max_sql_bytes: usize,
+    /// Rows of a keyless read, all shards together (each node also caps its own part).
+    pub max_result_rows: usize,
+    /// Requests served at once; above it new requests get 503 with `Retry-After`.
+    pub max_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_batch_rows: 10_000,
+            max_statements: 1_000,
+            max_sql_bytes: 1_000_000,
+            max_result_rows: 100_000,
+            max_in_flight: 4_096,
+        }
+    }
 }
 
 impl ProxyConfig {
@@ -49,6 +77,7 @@ impl ProxyConfig {
             upstream: UpstreamConfig::default(),
             health: HealthConfig::default(),
             auth: AuthConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -153,6 +182,11 @@ impl ProxyState {
 pub fn router(state: ProxyState) -> Router {
     let limit = state.config().max_body_bytes;
     let tokens = state.config().auth.clone();
+    let max_in_flight = state.config().limits.max_in_flight;
+    let in_flight = (
+        Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+        max_in_flight,
+    );
     Router::new()
         .route("/healthz", get(healthz))
         .merge(
@@ -168,12 +202,33 @@ pub fn router(state: ProxyState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(in_flight, shed_load))
         // Failures are logged once, where they become a response (`ProxyError`), not again here.
         .layer(
             TraceLayer::new_for_http()
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         .with_state(state)
+}
+
+/// Answers 503 at once when `max_in_flight` requests are already being served, rather than
+/// queueing without bound.
+async fn shed_load(
+    axum::extract::State((in_flight, limit)): axum::extract::State<(
+        Arc<tokio::sync::Semaphore>,
+        usize,
+    )>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match in_flight.try_acquire() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => ProxyError::Overloaded(format!(
+            "the proxy is serving its limit of {limit} requests at once; retry shortly"
+        ))
+        .into_response(),
+    }
 }
 
 async fn healthz() -> axum::Json<serde_json::Value> {
@@ -204,4 +259,57 @@ pub async fn serve(
         .await;
     checker.abort();
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn past_the_in_flight_limit_requests_get_503_with_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ProxyConfig::new(dir.path().join("state.db"));
+        config.limits.max_in_flight = 0;
+        let state = ProxyState::open(config).unwrap();
+        let response = router(state)
+            .oneshot(
+                http::Request::get("/healthz")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[http::header::RETRY_AFTER], "1");
+    }
+
+    #[tokio::test]
+    async fn unknown_endpoints_and_methods_get_json_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = ProxyState::open(ProxyConfig::new(dir.path().join("state.db"))).unwrap();
+        for (method, path, status) in [
+            ("GET", "/nope", 404),
+            ("PATCH", "/v1/sql", 405),
+            ("DELETE", "/healthz", 405),
+        ] {
+            let response = router(state.clone())
+                .oneshot(
+                    http::Request::builder()
+                        .method(method)
+                        .uri(path)
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), status, "{method} {path}");
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(json["error"].is_string(), "{method} {path}: {json}");
+        }
+    }
 }

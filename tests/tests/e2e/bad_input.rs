@@ -105,6 +105,9 @@ async fn every_bad_input_gets_a_4xx_and_changes_nothing() {
     };
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(17 * 1024 * 1024));
+    let many_rows = json!({ "rows": (0..10_001).map(|i| json!({ "id": format!("many{i}") })).collect::<Vec<_>>() }).to_string();
+    let many_statements = json!({ "key": "u1", "statements": (0..1_001).map(|_| json!({ "sql": "DELETE FROM users" })).collect::<Vec<_>>() }).to_string();
+    let long_sql = json!({ "key": "u1", "sql": format!("DELETE FROM users WHERE name = '{}'", "x".repeat(1_000_001)) }).to_string();
 
     let cases: Vec<(&str, Request, u16)> = vec![
         (
@@ -293,6 +296,29 @@ async fn every_bad_input_gets_a_4xx_and_changes_nothing() {
             "a wrong method",
             (Method::PATCH, "/v1/tables/users/rows/u1".into(), None),
             405,
+        ),
+        (
+            "a batch over the row limit",
+            (
+                Method::POST,
+                "/v1/tables/users/rows".into(),
+                Some(Bytes::from(many_rows)),
+            ),
+            400,
+        ),
+        (
+            "too many statements",
+            (
+                Method::POST,
+                "/v1/sql".into(),
+                Some(Bytes::from(many_statements)),
+            ),
+            400,
+        ),
+        (
+            "SQL text over the length limit",
+            (Method::POST, "/v1/sql".into(), Some(Bytes::from(long_sql))),
+            400,
         ),
         (
             "a bad migration set",
