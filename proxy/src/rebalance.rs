@@ -39,8 +39,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Rows per copy page.
-const COPY_PAGE: usize = 5000;
+/// Rows scanned per copy page (the node's maximum; about 1/N of them move).
+const COPY_PAGE: usize = 20_000;
 /// Logged changes read per catch-up round.
 const CHANGES_PAGE: usize = 5000;
 /// Below this backlog per source, catch-up stops and the fence goes up.
@@ -48,7 +48,7 @@ const FENCE_BACKLOG: usize = 1000;
 /// Keys fetched from a source per call.
 const FETCH_CHUNK: usize = 5000;
 /// Rows deleted per purge call (keeps each write lock short).
-const PURGE_PAGE: usize = 5000;
+const PURGE_PAGE: usize = 20_000;
 /// Pause between retries after a node failed.
 const RETRY_DELAY: Duration = Duration::from_millis(300);
 
@@ -681,49 +681,111 @@ async fn purge(state: &ProxyState, id: &str, url: &str, spans: &[[u32; 2]]) -> P
 
 #[derive(Deserialize)]
 struct ScanPage {
-    rows: Vec<Value>,
+    /// Rows as the source sent them: forwarded without building a JSON tree when they all go
+    /// to one target.
+    rows: Vec<Box<serde_json::value::RawValue>>,
     next: Option<Value>,
 }
 
-/// Copies one source's outgoing ranges page by page, saving the cursor after each page.
+async fn scan(
+    state: &ProxyState,
+    source: &Source,
+    table: &str,
+    after: &Value,
+) -> ProxyResult<ScanPage> {
+    let body = serde_json::to_vec(&json!({
+        "table": table,
+        "after": after,
+        "limit": COPY_PAGE,
+        "ranges": source.spans(),
+    }))
+    .expect("JSON serializes");
+    let bytes = state
+        .upstream()
+        .call(
+            &source.id,
+            Method::POST,
+            &source.url,
+            "/v1/transfer/scan",
+            Some(body.into()),
+        )
+        .await?
+        .ok(&source.id)?;
+    serde_json::from_slice(&bytes).map_err(|e| ProxyError::BadNodeAnswer {
+        node: source.id.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Upserts a page of scanned rows on their targets.
+async fn apply_page(
+    state: &ProxyState,
+    job: &Job,
+    source: &Source,
+    table: &TableSchema,
+    rows: Vec<Box<serde_json::value::RawValue>>,
+) -> ProxyResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let targets = source.targets();
+    if let [target] = targets.as_slice() {
+        // Every row of this source goes to one node: splice the rows through untouched.
+        let mut body = format!(
+            "{{\"table\":{},\"deletes\":[],\"upserts\":[",
+            serde_json::to_string(&table.name).expect("a string serializes")
+        );
+        for (i, row) in rows.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(row.get());
+        }
+        body.push_str("]}");
+        return state
+            .upstream()
+            .call(
+                target,
+                Method::POST,
+                job.url(target)?,
+                "/v1/transfer/apply",
+                Some(body.into()),
+            )
+            .await?
+            .ok(target)
+            .map(drop);
+    }
+    let rows = rows
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(r.get()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ProxyError::BadNodeAnswer {
+            node: source.id.clone(),
+            reason: e.to_string(),
+        })?;
+    let groups = by_target(source, table, rows)?;
+    let applies = groups
+        .into_iter()
+        .map(|(target, rows)| apply(state, job, target, &table.name, rows, Vec::new()));
+    for result in futures::future::join_all(applies).await {
+        result?;
+    }
+    Ok(())
+}
+
+/// Copies one source's outgoing ranges page by page, saving the cursor after each page. The
+/// next page is read from the source while the current one is written to its target.
 async fn copy_source(state: &ProxyState, job: &mut Job, s: usize) -> ProxyResult<()> {
     let tables = job.tables.clone();
+    let source = job.sources[s].clone();
     for table in &tables {
+        let cursor = source.copy.get(&table.name).cloned().unwrap_or_default();
+        if cursor.done {
+            continue;
+        }
+        let mut page = scan(state, &source, &table.name, &cursor.after).await?;
         loop {
-            let source = job.sources[s].clone();
-            let cursor = source.copy.get(&table.name).cloned().unwrap_or_default();
-            if cursor.done {
-                break;
-            }
-            let page: ScanPage = serde_json::from_value(
-                call(
-                    state,
-                    &source.id,
-                    &source.url,
-                    Method::POST,
-                    "/v1/transfer/scan",
-                    Some(json!({
-                        "table": table.name,
-                        "after": cursor.after,
-                        "limit": COPY_PAGE,
-                        "ranges": source.spans(),
-                    })),
-                )
-                .await?,
-            )
-            .map_err(|e| ProxyError::BadNodeAnswer {
-                node: source.id.clone(),
-                reason: e.to_string(),
-            })?;
-            let copied = page.rows.len() as u64;
-            let groups = by_target(&source, table, page.rows)?;
-            let applies = groups
-                .into_iter()
-                .map(|(target, rows)| apply(state, job, target, &table.name, rows, Vec::new()));
-            for result in futures::future::join_all(applies).await {
-                result?;
-            }
-            let next = match page.next {
+            let next = match page.next.take() {
                 Some(next) if !next.is_null() => Cursor {
                     after: next,
                     done: false,
@@ -733,10 +795,27 @@ async fn copy_source(state: &ProxyState, job: &mut Job, s: usize) -> ProxyResult
                     done: true,
                 },
             };
+            let copied = page.rows.len() as u64;
+            let rows = std::mem::take(&mut page.rows);
+            let (applied, prefetched) = if next.done {
+                (apply_page(state, job, &source, table, rows).await, None)
+            } else {
+                let (applied, prefetched) = tokio::join!(
+                    apply_page(state, job, &source, table, rows),
+                    scan(state, &source, &table.name, &next.after)
+                );
+                (applied, Some(prefetched))
+            };
+            applied?;
+            let done = next.done;
             job.sources[s].copy.insert(table.name.clone(), next);
             job.rows_moved += copied;
             save(state, job)?;
             step_pause(state).await;
+            match prefetched {
+                Some(prefetched) if !done => page = prefetched?,
+                _ => break,
+            }
         }
     }
     Ok(())

@@ -1,0 +1,313 @@
+//! Benchmark of an online rebalance: rows moved per second while writers keep writing, beside
+//! a plain batched SQLite insert of the same rows into one file, measured in the same run.
+//!
+//! ```sh
+//! cargo run --release -p shardlite-examples --example rebalance_bench -- --rows 1000000
+//! ```
+//!
+//! Three nodes and the proxy run in this process (release build) on 127.0.0.1 with a temp
+//! directory. The table is loaded with `--rows` random keys, a fourth node joins, and
+//! `POST /v1/cluster/rebalance` moves its share while `--writers` tasks PUT random keys; the
+//! longest write any of them saw is the write pause a user would notice. The report goes to
+//! stdout and to `--out` (default `docs/rebalance-bench.md`).
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+use serde_json::{Value, json};
+use shardlite::upstream::{Upstream, UpstreamConfig};
+use shardlite_node::migrate::Migration;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Rows in the cluster before the node joins.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: usize,
+    /// Concurrent writers during the move.
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    /// Where the Markdown report goes (relative to the workspace root).
+    #[arg(long, default_value = "docs/rebalance-bench.md")]
+    out: PathBuf,
+}
+
+const VALUE_BYTES: usize = 100;
+
+/// A small seeded PRNG (xorshift64*) for keys.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn key(rng: &mut Rng) -> String {
+    format!("{:016x}", rng.next_u64())
+}
+
+fn value(i: usize) -> String {
+    let mut v = format!("value-{i}-");
+    while v.len() < VALUE_BYTES {
+        v.push('x');
+    }
+    v
+}
+
+struct Api {
+    http: Upstream,
+    url: String,
+}
+
+impl Api {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let reply = self
+            .http
+            .call(
+                "proxy",
+                method.parse()?,
+                &self.url,
+                path,
+                body.map(|b| b.to_string().into()),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{method} {path}: {}", e.message()))?;
+        let answer: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+        ensure!(
+            reply.status.is_success(),
+            "{method} {path}: {} {answer}",
+            reply.status
+        );
+        Ok(answer)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let node_config =
+        |i: usize| shardlite_node::NodeConfig::new(dir.path().join(format!("n{i}.db")));
+    let synchronous = node_config(0).synchronous;
+
+    let mut nodes = Vec::new();
+    for i in 1..=4 {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = shardlite_node::NodeState::open(node_config(i))?;
+        tokio::spawn(shardlite_node::serve(listener, state, until_stopped()));
+        nodes.push(url);
+    }
+    let mut config = shardlite::ProxyConfig::new(dir.path().join("proxy.db"));
+    config.seed_nodes = (1..=3)
+        .map(|i| (format!("n{i}"), nodes[i - 1].clone()))
+        .collect();
+    let proxy = shardlite::ProxyState::open(config)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let api = Arc::new(Api {
+        http: Upstream::new(UpstreamConfig {
+            request_timeout: Duration::from_secs(600),
+            ..UpstreamConfig::default()
+        }),
+        url: format!("http://{}", listener.local_addr()?),
+    });
+    tokio::spawn(shardlite::serve(listener, proxy, until_stopped()));
+
+    let schema = Migration {
+        version: 1,
+        name: "0001_kv".into(),
+        sql: "CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT)".into(),
+    };
+    api.call(
+        "POST",
+        "/v1/cluster/migrations",
+        Some(json!({ "migrations": [schema] })),
+    )
+    .await?;
+
+    eprintln!("loading {} rows...", args.rows);
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let loaded = Instant::now();
+    let keys: Vec<String> = (0..args.rows).map(|_| key(&mut rng)).collect();
+    for (n, chunk) in keys.chunks(5000).enumerate() {
+        let rows: Vec<Value> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, k)| json!({ "id": k, "v": value(n * 5000 + i) }))
+            .collect();
+        api.call("POST", "/v1/tables/kv/rows", Some(json!({ "rows": rows })))
+            .await?;
+    }
+    eprintln!("loaded in {:.1} s", loaded.elapsed().as_secs_f64());
+
+    api.call(
+        "POST",
+        "/v1/cluster/nodes",
+        Some(json!({ "id": "n4", "url": nodes[3] })),
+    )
+    .await?;
+    let plan = api
+        .call("POST", "/v1/cluster/rebalance?dry_run=true", None)
+        .await?;
+    let to_move = plan["rows_to_move"].as_u64().context("a counted plan")?;
+
+    // Writers: PUT random keys (new and existing) until the job ends.
+    let writing = Arc::new(AtomicBool::new(true));
+    let mut writers = Vec::new();
+    for w in 0..args.writers {
+        let api = api.clone();
+        let writing = writing.clone();
+        let keys: Vec<String> = keys
+            .iter()
+            .skip(w)
+            .step_by(97)
+            .take(2000)
+            .cloned()
+            .collect();
+        writers.push(tokio::spawn(async move {
+            let (mut ops, mut errors, mut longest) = (0u64, 0u64, Duration::ZERO);
+            let mut rng = Rng(0xfeed + w as u64);
+            while writing.load(Ordering::Relaxed) {
+                let k = &keys[(rng.next_u64() % keys.len() as u64) as usize];
+                let started = Instant::now();
+                let ok = api
+                    .call(
+                        "PUT",
+                        &format!("/v1/tables/kv/rows/{k}"),
+                        Some(json!({ "v": value(w) })),
+                    )
+                    .await
+                    .is_ok();
+                longest = longest.max(started.elapsed());
+                ops += 1;
+                errors += u64::from(!ok);
+            }
+            (ops, errors, longest)
+        }));
+    }
+
+    let started = Instant::now();
+    api.call("POST", "/v1/cluster/rebalance", None).await?;
+    let mut phases: Vec<(String, Duration)> = Vec::new();
+    let status = loop {
+        let status = api.call("GET", "/v1/cluster/rebalance", None).await?;
+        let phase = status["phase"].as_str().unwrap_or("").to_owned();
+        if phases.last().is_none_or(|(p, _)| *p != phase) {
+            phases.push((phase, started.elapsed()));
+        }
+        if status["state"] != "running" {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let elapsed = started.elapsed();
+    writing.store(false, Ordering::Relaxed);
+    let phase_times: Vec<String> = phases
+        .iter()
+        .map(|(p, at)| format!("{p} from {:.2} s", at.as_secs_f64()))
+        .collect();
+    let (mut ops, mut errors, mut longest) = (0, 0, Duration::ZERO);
+    for w in writers {
+        let (o, e, l) = w.await?;
+        ops += o;
+        errors += e;
+        longest = longest.max(l);
+    }
+    if status["state"] != "done" {
+        bail!("the rebalance did not finish: {status}");
+    }
+    let verify = api.call("GET", "/v1/cluster/verify", None).await?;
+    ensure!(
+        verify["misplaced"] == 0 && verify["duplicates"] == 0,
+        "verify: {verify}"
+    );
+    let moved_rate = to_move as f64 / elapsed.as_secs_f64();
+
+    // Baseline, same run: the moved rows inserted into one fresh file in batches.
+    let moved_keys: Vec<&String> = {
+        let ring_before = shardlite_ring::Ring::new(
+            (1..=3).map(|i| shardlite_ring::Member::new(format!("n{i}"), 1)),
+            shardlite_ring::DEFAULT_VNODES,
+        )?;
+        let ring_after = ring_before.with_member(shardlite_ring::Member::new("n4", 1))?;
+        keys.iter()
+            .filter(|k| ring_before.lookup(k) != ring_after.lookup(k))
+            .collect()
+    };
+    let baseline_path = dir.path().join("baseline.db");
+    let baseline_started = Instant::now();
+    {
+        let mut conn = rusqlite::Connection::open(&baseline_path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match synchronous {
+                shardlite_node::Synchronous::Full => "FULL",
+                shardlite_node::Synchronous::Normal => "NORMAL",
+            },
+        )?;
+        conn.execute_batch("CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT)")?;
+        for (n, chunk) in moved_keys.chunks(5000).enumerate() {
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached("INSERT INTO kv (id, v) VALUES (?1, ?2)")?;
+                for (i, k) in chunk.iter().enumerate() {
+                    stmt.execute((k, value(n * 5000 + i)))?;
+                }
+            }
+            tx.commit()?;
+        }
+    }
+    let baseline_rate = moved_keys.len() as f64 / baseline_started.elapsed().as_secs_f64();
+    let _ = stop.send(true);
+
+    let ratio = moved_rate / baseline_rate;
+    let report = format!(
+        "# Rebalance benchmark\n\n\
+         Generated by `cargo run --release -p shardlite-examples --example rebalance_bench -- --rows {rows}` \
+         on this 2-core machine; the nodes, the proxy and the writers share the cores.\n\n\
+         | figure | value |\n|---|---|\n\
+         | rows in the cluster before | {rows} |\n\
+         | rows moved to the new node (counted plan) | {to_move} ({pct:.1}%) |\n\
+         | job time | {secs:.2} s |\n\
+         | rows moved per second | {moved_rate:.0} |\n\
+         | plain batched SQLite insert of the same rows (one file, WAL, synchronous={sync:?}, 5000 rows per transaction) | {baseline_rate:.0} rows/s |\n\
+         | ratio (target ≥ 0.75) | {ratio:.2} {mark} |\n\
+         | longest fence (write pause for a moving key), from the job | {pause} ms |\n\
+         | writers during the job: ops / errors / longest write seen | {ops} / {errors} / {longest_ms} ms |\n\
+         | verify after | {misplaced} misplaced, {duplicates} duplicates |\n\
+         | phases (as polled) | {phase_times} |\n",
+        rows = args.rows,
+        pct = 100.0 * to_move as f64 / args.rows as f64,
+        secs = elapsed.as_secs_f64(),
+        sync = synchronous,
+        mark = if ratio >= 0.75 { "✓" } else { "✗" },
+        pause = status["pause_ms"],
+        longest_ms = longest.as_millis(),
+        misplaced = verify["misplaced"],
+        duplicates = verify["duplicates"],
+        phase_times = phase_times.join(", "),
+    );
+    println!("{report}");
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(&args.out);
+    std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("report written to {}", out.display());
+    Ok(())
+}
