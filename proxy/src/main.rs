@@ -3,6 +3,10 @@
 use clap::Parser;
 use std::process::ExitCode;
 
+/// mimalloc: glibc's malloc and free were 8-10% of the proxy's CPU time on the request path.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = shardlite::cli::Cli::parse();
     shardlite::cli::init_tracing();

@@ -187,18 +187,25 @@ pub fn router(state: ProxyState) -> Router {
         Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
         max_in_flight,
     );
-    Router::new()
-        .route("/healthz", get(healthz))
-        .merge(
-            routing::router().layer(axum::middleware::from_fn_with_state(
-                (tokens.clone(), Scope::Data),
-                auth::require,
-            )),
-        )
-        .merge(admin::router().layer(axum::middleware::from_fn_with_state(
+    let mut data = routing::router();
+    let mut admin = admin::router();
+    // The token checks cost a boxed service per request: only when a token is set.
+    if tokens.data_token.is_some() {
+        data = data.layer(axum::middleware::from_fn_with_state(
+            (tokens.clone(), Scope::Data),
+            auth::require,
+        ));
+    }
+    if tokens.admin_token.is_some() {
+        admin = admin.layer(axum::middleware::from_fn_with_state(
             (tokens, Scope::Admin),
             auth::require,
-        )))
+        ));
+    }
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(data)
+        .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
