@@ -193,9 +193,7 @@ impl Cluster {
             .store
             .lock()
             .expect("state lock is never poisoned: no panics under it");
-        let tx = conn.transaction()?;
-        let out = change(&tx)?;
-        tx.commit()?;
+        let out = transact(&mut conn, change)?;
         let topology = load(&conn)?;
         self.current.store(Arc::new(topology));
         Ok(out)
@@ -211,10 +209,7 @@ impl Cluster {
             .store
             .lock()
             .expect("state lock is never poisoned: no panics under it");
-        let tx = conn.transaction()?;
-        let out = change(&tx)?;
-        tx.commit()?;
-        Ok(out)
+        transact(&mut conn, change)
     }
 
     /// Runs a read on the state file.
@@ -225,6 +220,16 @@ impl Cluster {
             .expect("state lock is never poisoned: no panics under it");
         read(&conn)
     }
+}
+
+fn transact<T>(
+    conn: &mut Connection,
+    change: impl FnOnce(&rusqlite::Transaction<'_>) -> ProxyResult<T>,
+) -> ProxyResult<T> {
+    let tx = conn.transaction()?;
+    let out = change(&tx)?;
+    tx.commit()?;
+    Ok(out)
 }
 
 /// Bumps the epoch inside a membership-changing transaction.

@@ -525,15 +525,7 @@ async fn run(state: &ProxyState, mut job: Job) {
 /// Gives up before the switch: the sources still own everything; lift fences and capture.
 async fn abandon(state: &ProxyState, job: &mut Job, reason: String) {
     for source in &job.sources {
-        let _ = call(
-            state,
-            &source.id,
-            &source.url,
-            Method::DELETE,
-            "/v1/transfer/fences",
-            None,
-        )
-        .await;
+        let _ = lift_fence(state, source).await;
         let _ = call(
             state,
             &source.id,
@@ -612,19 +604,24 @@ async fn apply(
     .map(drop)
 }
 
+async fn lift_fence(state: &ProxyState, source: &Source) -> ProxyResult<()> {
+    call(
+        state,
+        &source.id,
+        &source.url,
+        Method::DELETE,
+        "/v1/transfer/fences",
+        None,
+    )
+    .await
+    .map(drop)
+}
+
 /// Capture, purge, copy, catch up; then raise the fences. Returns `Ok(false)` to go on.
 async fn copy_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
     // After a restart or a failed fence, fences may still be up: lift them first.
     for source in &job.sources {
-        call(
-            state,
-            &source.id,
-            &source.url,
-            Method::DELETE,
-            "/v1/transfer/fences",
-            None,
-        )
-        .await?;
+        lift_fence(state, source).await?;
     }
     for s in 0..job.sources.len() {
         let source = job.sources[s].clone();
@@ -1069,15 +1066,7 @@ async fn cleanup_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
         )
         .await?;
         purge(state, &source.id, &source.url, &source.spans()).await?;
-        call(
-            state,
-            &source.id,
-            &source.url,
-            Method::DELETE,
-            "/v1/transfer/fences",
-            None,
-        )
-        .await?;
+        lift_fence(state, &source).await?;
         job.sources[s].cleaned = true;
         save(state, job)?;
     }
