@@ -939,7 +939,7 @@ async fn catch_up(state: &ProxyState, job: &mut Job, s: usize, drain: bool) -> P
 async fn fenced_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
     let before = state.cluster().topology();
     let fenced_at = Instant::now();
-    for source in &job.sources {
+    let fences = job.sources.iter().map(|source| {
         call(
             state,
             &source.id,
@@ -948,7 +948,9 @@ async fn fenced_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
             "/v1/transfer/fences",
             Some(json!({ "job": job.id, "ranges": source.spans() })),
         )
-        .await?;
+    });
+    for fenced in futures::future::join_all(fences).await {
+        fenced?;
     }
     step_pause(state).await;
     for s in 0..job.sources.len() {
@@ -965,43 +967,57 @@ async fn fenced_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
 }
 
 /// Before the switch, every moving range must hold as many rows on its target as on its source.
+/// Every node involved is asked once, all at the same time (this runs while writes are fenced).
 async fn check_counts(state: &ProxyState, job: &Job) -> ProxyResult<()> {
+    /// A (source, target) pair.
+    type Pair = (String, String);
+    // Per node: the ranges to count there, and for each range the pair it belongs to.
+    let mut asks: BTreeMap<String, (Vec<[u32; 2]>, Vec<Pair>)> = BTreeMap::new();
     for source in &job.sources {
-        for target in source.targets() {
-            let spans = source.spans_to(target);
-            let body = json!({ "ranges": spans });
-            let on_source = call(
-                state,
-                &source.id,
-                &source.url,
-                Method::POST,
-                "/v1/transfer/count",
-                Some(body.clone()),
-            )
-            .await?;
-            let on_target = call(
-                state,
-                target,
-                job.url(target)?,
-                Method::POST,
-                "/v1/transfer/count",
-                Some(body),
-            )
-            .await?;
-            let sum = |v: &Value| -> u64 {
-                v["counts"]
-                    .as_array()
-                    .map_or(0, |c| c.iter().filter_map(Value::as_u64).sum())
-            };
-            if sum(&on_source) != sum(&on_target) {
-                return Err(ProxyError::Conflict(format!(
-                    "after the final catch-up, {} holds {} rows of the ranges moving to {target} \
-                     but {target} holds {}; not switching",
-                    source.id,
-                    sum(&on_source),
-                    sum(&on_target)
-                )));
+        for range in &source.ranges {
+            let pair = (source.id.clone(), range.to.clone());
+            for node in [&source.id, &range.to] {
+                let ask = asks.entry(node.clone()).or_default();
+                ask.0.push([range.start, range.end]);
+                ask.1.push(pair.clone());
             }
+        }
+    }
+    let calls = asks.iter().map(|(node, (spans, _))| async move {
+        let counted = call(
+            state,
+            node,
+            job.url(node)?,
+            Method::POST,
+            "/v1/transfer/count",
+            Some(json!({ "ranges": spans })),
+        )
+        .await?;
+        let counts: Vec<u64> = counted["counts"]
+            .as_array()
+            .map(|c| c.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        Ok::<_, ProxyError>(counts)
+    });
+    let answers = futures::future::join_all(calls).await;
+    // (source, target) → (rows on the source, rows on the target).
+    let mut pairs: BTreeMap<Pair, (u64, u64)> = BTreeMap::new();
+    for ((node, (_, owners)), counts) in asks.iter().zip(answers) {
+        for (pair, n) in owners.iter().zip(counts?) {
+            let entry = pairs.entry(pair.clone()).or_default();
+            if *node == pair.0 {
+                entry.0 += n;
+            } else {
+                entry.1 += n;
+            }
+        }
+    }
+    for ((source, target), (on_source, on_target)) in pairs {
+        if on_source != on_target {
+            return Err(ProxyError::Conflict(format!(
+                "after the final catch-up, {source} holds {on_source} rows of the ranges moving \
+                 to {target} but {target} holds {on_target}; not switching"
+            )));
         }
     }
     Ok(())
