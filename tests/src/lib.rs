@@ -297,29 +297,7 @@ impl Spawned {
     /// Runs `shardlite ARGS...` (it must be a server started with `--listen 127.0.0.1:0` or a
     /// fixed port) and waits for its `listening on` line.
     pub fn start(args: &[&str]) -> Spawned {
-        let mut child = Command::new(shardlite_bin())
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("shardlite starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let url = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(url) = line.split("listening on ").nth(1) {
-                        break url.trim().to_owned();
-                    }
-                }
-                other => panic!("shardlite {args:?} exited before listening: {other:?}"),
-            }
-        };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Spawned { child, url }
+        Spawned::start_with_env(args, &[])
     }
 
     /// `kill -9`.
@@ -399,3 +377,33 @@ pub fn ring_of(cluster: &Value) -> shardlite_ring::Ring {
 }
 
 pub mod history;
+
+impl Spawned {
+    /// Like [`Spawned::start`], with extra environment variables for the process (say
+    /// `RUST_LOG=error`, for a test that makes a node fail on purpose thousands of times).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Spawned {
+        let mut child = Command::new(shardlite_bin())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("shardlite starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.split("listening on ").nth(1) {
+                        break url.trim().to_owned();
+                    }
+                }
+                other => panic!("shardlite {args:?} exited before listening: {other:?}"),
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Spawned { child, url }
+    }
+}

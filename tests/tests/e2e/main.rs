@@ -9,4 +9,6 @@ mod migrations;
 mod rebalance;
 mod rebalance_faults;
 mod rows;
+mod shutdown;
+mod soak;
 mod sql;
