@@ -6,11 +6,14 @@ use std::time::Duration;
 /// How hard SQLite syncs a commit to disk (`PRAGMA synchronous`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Synchronous {
-    /// WAL + NORMAL: a commit survives a crash of the process, and the database stays
-    /// consistent through a power loss, but the last commits before the power loss may roll back.
-    #[default]
+    /// WAL + NORMAL: the WAL is not synced at commit, only at checkpoints. A commit survives a
+    /// crash of the process; the database stays consistent through an OS crash or power loss,
+    /// but the last acknowledged commits before it may roll back.
     Normal,
-    /// WAL + FULL: every commit is synced before it is acknowledged.
+    /// WAL + FULL: the WAL is synced at every commit, before any write it carries is
+    /// acknowledged, so an acknowledged write survives an OS crash or power loss too. Group
+    /// commit (see `writer`) pays one sync for all the writes queued together.
+    #[default]
     Full,
 }
 
@@ -40,7 +43,7 @@ pub struct NodeConfig {
     /// Largest request body; also SQLite's LENGTH limit, so no value can outgrow what a client
     /// could have sent.
     pub max_body_bytes: usize,
-    /// `PRAGMA synchronous` on every connection.
+    /// `PRAGMA synchronous` on every connection; it only matters on the writer.
     pub synchronous: Synchronous,
     /// When set, every endpoint but `/healthz` needs `Authorization: Bearer <secret>`: the
     /// proxy sends it, so a client that reaches the node directly cannot bypass the proxy.
@@ -49,7 +52,7 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// A configuration with the defaults: 4 readers, 5 s statements, 100,000 result rows,
-    /// 64 MiB results and bodies, `synchronous=NORMAL`.
+    /// 64 MiB results and bodies, `synchronous=FULL`.
     pub fn new(db_path: impl Into<PathBuf>) -> Self {
         NodeConfig {
             db_path: db_path.into(),
@@ -58,7 +61,7 @@ impl NodeConfig {
             max_result_rows: 100_000,
             max_result_bytes: 64 * 1024 * 1024,
             max_body_bytes: 64 * 1024 * 1024,
-            synchronous: Synchronous::Normal,
+            synchronous: Synchronous::Full,
             cluster_secret: None,
         }
     }

@@ -1,6 +1,7 @@
-//! Opening the database file: WAL once, then a one-connection writer pool and a pool of
-//! read-only readers, every connection set up with the same controls.
+//! Opening the database file: WAL once, then a pool of read-only readers and the one
+//! read-write connection the writer thread owns, every connection set up with the same controls.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use r2d2::{ManageConnection, Pool, PooledConnection};
@@ -18,7 +19,7 @@ use crate::migrate;
 /// A pooled connection.
 pub(crate) type Conn = PooledConnection<NodeManager>;
 
-/// How long a request waits for a free connection before failing.
+/// How long a request waits for a free reader before failing.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long SQLite waits on a lock held by another connection.
@@ -27,10 +28,10 @@ const BUSY_TIMEOUT_MS: u32 = 5000;
 /// Prepared statements kept per connection (the node's own generated SQL only).
 const STATEMENT_CACHE: usize = 64;
 
-/// The two pools over one file.
+/// The readers, and how to open the writer, over one file.
 pub(crate) struct Db {
-    writer: Pool<NodeManager>,
     readers: Pool<NodeManager>,
+    opener: Opener,
 }
 
 impl Db {
@@ -59,36 +60,54 @@ impl Db {
             synchronous: config.synchronous,
             max_length: i32::try_from(config.max_body_bytes).unwrap_or(i32::MAX),
         };
-        let manager = |flags| {
-            NodeManager(
-                SqliteConnectionManager::file(path)
-                    .with_flags(flags)
-                    .with_init(move |conn| configure(conn, settings)),
-            )
-        };
-        let writer = Pool::builder()
-            .max_size(1)
-            .connection_timeout(CHECKOUT_TIMEOUT)
-            .build(manager(
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            ))?;
         let readers = Pool::builder()
             .max_size(u32::try_from(config.readers.max(1)).unwrap_or(u32::MAX))
             .connection_timeout(CHECKOUT_TIMEOUT)
-            .build(manager(
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            .build(NodeManager(
+                SqliteConnectionManager::file(path)
+                    .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                    .with_init(move |conn| configure(conn, settings)),
             ))?;
-        Ok(Db { writer, readers })
-    }
-
-    /// The one read-write connection.
-    pub(crate) fn writer(&self) -> Result<Conn, NodeError> {
-        Ok(self.writer.get()?)
+        Ok(Db {
+            readers,
+            opener: Opener {
+                path: path.clone(),
+                settings,
+            },
+        })
     }
 
     /// A read-only connection.
     pub(crate) fn reader(&self) -> Result<Conn, NodeError> {
         Ok(self.readers.get()?)
+    }
+
+    /// How to open the writer's connection, at start-up and again whenever it has to be
+    /// replaced.
+    pub(crate) fn opener(&self) -> &Opener {
+        &self.opener
+    }
+}
+
+/// Opens the one read-write connection, set up like every other.
+#[derive(Clone)]
+pub(crate) struct Opener {
+    path: PathBuf,
+    settings: Settings,
+}
+
+impl Opener {
+    pub(crate) fn open(&self) -> rusqlite::Result<Connection> {
+        let mut conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        configure(&mut conn, self.settings)?;
+        Ok(conn)
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.path
     }
 }
 
@@ -103,11 +122,37 @@ pub(crate) fn rollback(conn: &Connection) {
     }
 }
 
-/// Rolls back whatever transaction a request left open, before the connection goes back.
+/// Rolls back whatever transaction a request left open, before the connection is used again.
 pub(crate) fn tidy(conn: &Connection) {
     if !conn.is_autocommit() {
         tracing::warn!("a request left a transaction open; rolling it back");
         rollback(conn);
+    }
+}
+
+/// Whether `conn` would carry state into the next request: a transaction still open,
+/// temporary objects, or a connection that cannot even be asked. Such a connection is closed,
+/// never used again.
+pub(crate) fn carries_state(conn: &Connection) -> bool {
+    if !conn.is_autocommit() {
+        tracing::warn!("dropping a connection left inside a transaction");
+        return true;
+    }
+    match conn.query_row("SELECT count(*) FROM temp.sqlite_schema", [], |row| {
+        row.get::<_, i64>(0)
+    }) {
+        Ok(0) => false,
+        Ok(n) => {
+            tracing::warn!(
+                objects = n,
+                "dropping a connection that holds temporary objects"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "dropping a connection that cannot be checked");
+            true
+        }
     }
 }
 
@@ -175,8 +220,8 @@ fn limits(max_length: i32) -> [(Limit, i32); 11] {
     ]
 }
 
-/// `SqliteConnectionManager`, plus a check-in test: a connection that would carry state into
-/// the next request is reported broken, and r2d2 drops it instead of pooling it.
+/// `SqliteConnectionManager` for the readers, plus a check-in test: a connection that would
+/// carry state into the next request is reported broken, and r2d2 drops it instead of pooling it.
 ///
 /// r2d2 0.8 has no way to take a connection out of a `PooledConnection`; `has_broken` is the
 /// hook it calls at every check-in, so the decision lives here and covers every path
@@ -196,26 +241,7 @@ impl ManageConnection for NodeManager {
     }
 
     fn has_broken(&self, conn: &mut Connection) -> bool {
-        if !conn.is_autocommit() {
-            tracing::warn!("dropping a connection left inside a transaction");
-            return true;
-        }
-        match conn.query_row("SELECT count(*) FROM temp.sqlite_schema", [], |row| {
-            row.get::<_, i64>(0)
-        }) {
-            Ok(0) => false,
-            Ok(n) => {
-                tracing::warn!(
-                    objects = n,
-                    "dropping a connection that holds temporary objects"
-                );
-                true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "dropping a connection that cannot be checked");
-                true
-            }
-        }
+        carries_state(conn)
     }
 }
 
@@ -244,12 +270,14 @@ mod tests {
     #[test]
     fn the_file_is_in_wal_mode_with_per_connection_pragmas() {
         let (_dir, db) = open();
-        for conn in [db.writer().unwrap(), db.reader().unwrap()] {
-            assert_eq!(pragma(&conn, "journal_mode"), "wal");
-            assert_eq!(pragma(&conn, "foreign_keys"), "1");
-            assert_eq!(pragma(&conn, "recursive_triggers"), "1");
-            assert_eq!(pragma(&conn, "synchronous"), "1"); // NORMAL
-            assert_eq!(pragma(&conn, "busy_timeout"), "5000");
+        let writer = db.opener().open().unwrap();
+        let reader = db.reader().unwrap();
+        for conn in [&writer, &*reader] {
+            assert_eq!(pragma(conn, "journal_mode"), "wal");
+            assert_eq!(pragma(conn, "foreign_keys"), "1");
+            assert_eq!(pragma(conn, "recursive_triggers"), "1");
+            assert_eq!(pragma(conn, "synchronous"), "2"); // FULL, the default
+            assert_eq!(pragma(conn, "busy_timeout"), "5000");
             assert!(conn.db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE).unwrap());
             assert!(
                 !conn
@@ -261,12 +289,12 @@ mod tests {
     }
 
     #[test]
-    fn synchronous_full_is_applied() {
+    fn synchronous_normal_can_be_chosen() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = NodeConfig::new(dir.path().join("node.db"));
-        config.synchronous = Synchronous::Full;
+        config.synchronous = Synchronous::Normal;
         let db = Db::open(&config).unwrap();
-        assert_eq!(pragma(&db.writer().unwrap(), "synchronous"), "2");
+        assert_eq!(pragma(&db.opener().open().unwrap(), "synchronous"), "1");
     }
 
     #[test]
@@ -278,14 +306,18 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_with_temp_objects_is_not_pooled_again() {
-        let (_dir, db) = open();
+    fn a_reader_with_temp_objects_is_not_pooled_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::new(dir.path().join("node.db"));
+        config.readers = 1;
+        let db = Db::open(&config).unwrap();
         {
-            let conn = db.writer().unwrap();
+            let conn = db.reader().unwrap();
             conn.execute_batch("CREATE TEMP TABLE leftover (a)")
                 .unwrap();
+            assert!(carries_state(&conn));
         }
-        let conn = db.writer().unwrap();
+        let conn = db.reader().unwrap();
         let temp: i64 = conn
             .query_row("SELECT count(*) FROM temp.sqlite_schema", [], |r| r.get(0))
             .unwrap();
@@ -295,9 +327,11 @@ mod tests {
     #[test]
     fn tidy_rolls_back_an_open_transaction() {
         let (_dir, db) = open();
-        let conn = db.writer().unwrap();
+        let conn = db.opener().open().unwrap();
         conn.execute_batch("BEGIN").unwrap();
+        assert!(carries_state(&conn));
         tidy(&conn);
         assert!(conn.is_autocommit());
+        assert!(!carries_state(&conn));
     }
 }

@@ -4,6 +4,7 @@
 //! once, here, where they become a response. Every body is `{"error": "..."}`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -108,6 +109,19 @@ pub enum NodeError {
     NotWal { path: PathBuf, mode: String },
     #[error("no database connection: {0}")]
     Pool(#[from] r2d2::Error),
+    /// The transaction that carried this write, together with the others queued beside it,
+    /// could not begin or commit. Shared: every write of the group gets the same error.
+    #[error("the transaction carrying this write failed: {0}")]
+    GroupTransaction(Arc<rusqlite::Error>),
+    #[error("cannot start the writer thread: {0}")]
+    WriterThread(std::io::Error),
+    /// The writer thread is gone, so no write can be queued: the node is stopping.
+    #[error("the node is shutting down and accepts no more writes")]
+    WriterStopped,
+    /// The writer thread failed (panicked) while running this write, rolled it back and went
+    /// on; the node's log has the cause.
+    #[error("the node failed while running this write and rolled it back; see the node's log")]
+    WriteAbandoned,
     #[error("a database task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -143,7 +157,11 @@ impl NodeError {
             NodeError::StatementTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             NodeError::Sql(e) => sqlite_status(e, true),
             NodeError::Sqlite(e) => sqlite_status(e, false),
+            NodeError::GroupTransaction(e) => sqlite_status(e, false),
+            NodeError::WriterStopped => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::Open { .. }
+            | NodeError::WriterThread(_)
+            | NodeError::WriteAbandoned
             | NodeError::NotWal { .. }
             | NodeError::Pool(_)
             | NodeError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,24 +1,27 @@
 //! Fences: hash ranges whose client writes this node refuses while they move to another node,
-//! and the one transaction every client write runs in.
+//! and the check every client write passes inside its transaction.
 //!
 //! # The rule (Vitess #9400)
 //!
 //! A fence is only worth something if no write admitted before it commits after it. SQLite
-//! has one writer and the node one writer connection, so the fence is checked **inside** the
-//! write transaction, after `BEGIN IMMEDIATE`, and fences change only on that same connection,
-//! in a transaction of their own, with the in-memory copy swapped before the connection goes
-//! back to its pool. A write either committed before a fence was put (and its changes are in
-//! the change log, to be drained), or it sees the fence and is refused. A fence `PUT` waits
-//! for the write in flight, exactly as `LOCK TABLES` does in Vitess's fix.
+//! has one writer and the node one writer thread (`crate::writer`), which runs every write and
+//! every fence change from one FIFO queue. Client writes run in group transactions: the
+//! fences are read after `BEGIN IMMEDIATE` (a [`Check`]) and every request of the group is
+//! checked against them inside its own savepoint. A fence is stored by a job of its own on
+//! that same queue, in a transaction of its own, and the in-memory copy is swapped right after
+//! its commit, on the writer thread. So a write queued before the fence commits before it (its
+//! group commits before the fence job starts) and is in the change log, to be drained; a write
+//! queued after it sees the fence and is refused. A fence `PUT` waits for the writes queued
+//! before it, exactly as `LOCK TABLES` does in Vitess's fix.
 //!
 //! # What is checked
 //!
-//! [`write`] checks the keys the request names (a row's key, every key of a batch, the `key`
-//! of keyed SQL). When capture is on, it also reads the change log rows that the transaction
-//! itself added, just before `COMMIT`, and refuses if any of those keys is fenced: keyed SQL
-//! may write keys other than its own (`UPDATE t SET x = 1` touches every row), and so may a
-//! user's trigger. Without capture a fence can only check the named keys; a rebalance always
-//! fences with capture on.
+//! [`Check::run`] checks the keys the request names (a row's key, every key of a batch, the
+//! `key` of keyed SQL). When capture is on, it also reads the change log rows that the request
+//! itself added (above the highest seq at its start), before its savepoint is released, and
+//! refuses if any of those keys is fenced: keyed SQL may write keys other than its own
+//! (`UPDATE t SET x = 1` touches every row), and so may a user's trigger. Without capture a
+//! fence can only check the named keys; a rebalance always fences with capture on.
 //!
 //! With no fence at all (nearly always) the check is one read of an `Arc` and a length test.
 
@@ -192,7 +195,7 @@ pub(crate) fn load(conn: &Connection) -> Result<FenceSet, NodeError> {
 }
 
 /// Replaces every stored fence with `list`, in one writer transaction, and swaps the node's
-/// in-memory set after the commit, before the writer goes back to its pool.
+/// in-memory set after the commit, before the writer thread takes its next job.
 pub(crate) fn replace(
     state: &NodeState,
     conn: &Connection,
@@ -220,62 +223,48 @@ pub(crate) fn replace(
     Ok(n)
 }
 
-/// Runs `work` as one client write transaction on the writer `conn`: `BEGIN IMMEDIATE`, the
-/// fence check of `keys` (routing texts), `work`, the fence check of the keys the transaction
-/// logged, `COMMIT`. Anything failing rolls the whole transaction back.
-pub(crate) fn write<T, K>(
-    state: &NodeState,
-    conn: &Connection,
-    keys: impl IntoIterator<Item = K>,
-    work: impl FnOnce(&Connection) -> Result<T, NodeError>,
-) -> Result<T, NodeError>
-where
-    K: AsRef<str>,
-{
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let outcome = guarded(state, conn, keys, work).and_then(|out| {
-        #[cfg(test)]
-        state.run_before_commit_hook();
-        conn.execute_batch("COMMIT")?;
-        Ok(out)
-    });
-    if outcome.is_err() {
-        rollback(conn);
-    }
-    outcome
+/// The fences one write transaction checks its requests against, read right after its
+/// `BEGIN IMMEDIATE`, on the writer thread (the only thread that changes them).
+pub(crate) struct Check {
+    fences: Arc<FenceSet>,
+    capturing: bool,
 }
 
-/// The inside of [`write`], between `BEGIN IMMEDIATE` and `COMMIT`.
-fn guarded<T, K>(
-    state: &NodeState,
-    conn: &Connection,
-    keys: impl IntoIterator<Item = K>,
-    work: impl FnOnce(&Connection) -> Result<T, NodeError>,
-) -> Result<T, NodeError>
-where
-    K: AsRef<str>,
-{
-    // Read only now, holding the writer: fences change only on this connection.
-    let fences: Arc<FenceSet> = state.fences();
-    if fences.ranges.is_empty() {
-        return work(conn);
+impl Check {
+    /// The fences in force, and whether capture is on, as read holding the write lock.
+    pub(crate) fn new(fences: Arc<FenceSet>, capturing: bool) -> Check {
+        Check { fences, capturing }
     }
-    for key in keys {
-        let key = key.as_ref();
-        if fences.ranges.contains(hash_key(key)) {
-            return Err(NodeError::Fenced(key.to_owned()));
+
+    /// Runs one request's `work` inside the caller's transaction: the fence check of `keys`
+    /// (routing texts), `work`, then the fence check of the keys the work logged. An error
+    /// leaves the caller to roll the request back.
+    pub(crate) fn run<T>(
+        &self,
+        conn: &Connection,
+        keys: &[String],
+        work: impl FnOnce(&Connection) -> Result<T, NodeError>,
+    ) -> Result<T, NodeError> {
+        if self.fences.ranges.is_empty() {
+            return work(conn);
         }
+        if let Some(key) = keys
+            .iter()
+            .find(|key| self.fences.ranges.contains(hash_key(key)))
+        {
+            return Err(NodeError::Fenced(key.clone()));
+        }
+        let logged_after = if self.capturing {
+            Some(max_logged_seq(conn)?)
+        } else {
+            None
+        };
+        let out = work(conn)?;
+        if let Some(seq) = logged_after {
+            check_logged(conn, &self.fences.ranges, seq)?;
+        }
+        Ok(out)
     }
-    let logged_after = if state.capturing() {
-        Some(max_logged_seq(conn)?)
-    } else {
-        None
-    };
-    let out = work(conn)?;
-    if let Some(seq) = logged_after {
-        check_logged(conn, &fences.ranges, seq)?;
-    }
-    Ok(out)
 }
 
 fn max_logged_seq(conn: &Connection) -> Result<i64, NodeError> {

@@ -5,7 +5,8 @@
 //! cannot know whose SQL it is judging; it asks a thread-local [`Mode`] instead. The mode is
 //! `Internal` unless a [`Scope`] says otherwise, and a scope restores the previous mode when it
 //! is dropped, on errors and panics too. This is sound because a request's SQLite work runs
-//! on one `spawn_blocking` thread from checkout to check-in.
+//! on one thread: a reader's `spawn_blocking` thread from checkout to check-in, or the writer
+//! thread, which runs the requests of a group one at a time, each statement in its own scope.
 //!
 //! When the authorizer refuses, SQLite only says "not authorized"; the reason is kept in a
 //! thread-local [`Denial`] so the answer can say what was refused and what to do instead.
@@ -52,8 +53,8 @@ pub enum Denial {
     MigrationPragma(String),
     /// CREATE, ALTER or DROP of a table, index, trigger, view or virtual table.
     SchemaChange,
-    /// A TEMP table, view, index or trigger (they would outlive the request on a pooled
-    /// connection).
+    /// A TEMP table, view, index or trigger (they would outlive the request on a connection
+    /// that serves the next ones).
     Temporary,
     /// REINDEX or ANALYZE.
     Maintenance,
@@ -335,7 +336,7 @@ fn check_write(
 fn check_migration(ctx: &AuthContext<'_>) -> Result<(), Denial> {
     match ctx.action {
         AuthAction::Transaction { .. } => Err(Denial::MigrationTransaction),
-        // A setting changed here would stay on the pooled writer and reach later requests.
+        // A setting changed here would stay on the writer's connection and reach later requests.
         AuthAction::Pragma {
             pragma_name,
             pragma_value: Some(_),

@@ -1,8 +1,9 @@
 //! The HTTP face of a node: handlers, the router and `serve`.
 //!
-//! Handlers only read the request, find the table in the cached schema, and hand the work to
-//! a blocking thread through `NodeState::write` or `NodeState::read`. Every client write runs
-//! inside `fence::write`, which checks the fences after `BEGIN IMMEDIATE`. Every error,
+//! Handlers only read the request, find the table in the cached schema, and hand the work on:
+//! client writes to the writer thread through `NodeState::client_write` (grouped with the
+//! writes queued beside them, fence-checked, answered after their commit), reads to a blocking
+//! thread through `NodeState::read`. Every error,
 //! including a body axum cannot parse, comes back as `{"error": "..."}`. The rebalance
 //! endpoints (`/v1/transfer/*`) are in [`transfer`].
 
@@ -19,7 +20,6 @@ use tokio::net::TcpListener;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::error::NodeError;
-use crate::fence;
 use crate::key::ShardKey;
 use crate::migrate::{self, MigrateRequest, MigrateResponse, MigrationsResponse};
 use crate::rows::{
@@ -153,16 +153,14 @@ async fn put_row(
     let table = state.table(&table)?;
     let key = ShardKey::from_text(&key, table.key_affinity)?;
     let row = rows::validate(&table, &body, Some(&key), 0)?;
-    let table = state
-        .write(move |state, conn| {
-            fence::write(state, conn, [row.key().routing_text()], |conn| {
-                rows::upsert(conn, &table, &row)
-            })
-            .map(|()| table)
+    let name = table.name.clone();
+    state
+        .client_write(vec![key.routing_text().into_owned()], 1, move |conn| {
+            rows::upsert(conn, &table, &row)
         })
         .await?;
     Ok(Json(PutRowResponse {
-        table: table.name,
+        table: name,
         key: key.to_json(),
     }))
 }
@@ -187,10 +185,8 @@ async fn delete_row(
     let table = state.table(&table)?;
     let key = ShardKey::from_text(&key, table.key_affinity)?;
     let deleted = state
-        .write(move |state, conn| {
-            fence::write(state, conn, [key.routing_text()], |conn| {
-                rows::delete(conn, &table, &key)
-            })
+        .client_write(vec![key.routing_text().into_owned()], 1, move |conn| {
+            rows::delete(conn, &table, &key)
         })
         .await?;
     Ok(Json(DeleteRowResponse { deleted }))
@@ -209,13 +205,14 @@ async fn upsert_rows(
         .enumerate()
         .map(|(index, row)| rows::validate(&table, row, None, index))
         .collect::<Result<Vec<_>, _>>()?;
+    // If any row's key is fenced, the whole batch is refused.
+    let keys = valid
+        .iter()
+        .map(|row| row.key().routing_text().into_owned())
+        .collect();
     let upserted = state
-        .write(move |state, conn| {
-            // If any row's key is fenced, the whole batch is refused.
-            let keys = valid.iter().map(|row| row.key().routing_text());
-            fence::write(state, conn, keys, |conn| {
-                rows::upsert_all(conn, &table, &valid)
-            })
+        .client_write(keys, valid.len(), move |conn| {
+            rows::upsert_all(conn, &table, &valid)
         })
         .await?;
     Ok(Json(UpsertRowsResponse { upserted }))
@@ -241,10 +238,8 @@ async fn run_sql(
             .await?
     } else {
         state
-            .write(move |state, conn| {
-                fence::write(state, conn, key, |conn| {
-                    sql::write(conn, &statements, limits)
-                })
+            .client_write(key.into_iter().collect(), statements.len(), move |conn| {
+                sql::write(conn, &statements, limits)
             })
             .await?
     };
@@ -257,6 +252,7 @@ async fn stats(State(state): State<NodeState>) -> Result<Json<StatsResponse>, No
         .await?;
     stats.capturing = state.capturing();
     stats.fences = state.fences().list.len();
+    (stats.writes, stats.commits) = state.write_counts();
     Ok(Json(stats))
 }
 
@@ -324,4 +320,4 @@ async fn method_not_allowed(method: Method, uri: Uri) -> NodeError {
 mod transfer;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

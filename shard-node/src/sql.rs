@@ -1,7 +1,7 @@
 //! Client SQL: `POST /v1/sql`.
 //!
-//! Keyed SQL runs on the writer inside the one client write transaction of
-//! `fence::write` (`BEGIN IMMEDIATE`, fence checks, `COMMIT`); keyless
+//! Keyed SQL runs on the writer thread, in a savepoint of a group transaction (see `writer`:
+//! `BEGIN IMMEDIATE`, per request the fence checks and its statements, one `COMMIT`); keyless
 //! SQL (`readonly: true`) on a read-only connection. Either way client text is prepared and
 //! stepped inside a guard `Scope` that makes the authorizer judge it as client SQL and arms the
 //! statement deadline, and it is never `prepare_cached`: the authorizer decides at prepare
@@ -124,7 +124,8 @@ pub(crate) fn read(
     Ok(results)
 }
 
-/// Runs keyed client statements on the writer, inside the caller's transaction.
+/// Runs keyed client statements on the writer, inside the caller's savepoint. The deadline
+/// starts now, so a request's time in the queue does not count against it.
 pub(crate) fn write(
     conn: &Connection,
     statements: &[SqlStatement],
@@ -189,11 +190,24 @@ fn run_one(
     // Prepare *and* step under the scope: SQLite re-prepares (and re-authorizes) a statement
     // while stepping if the schema changed underneath it.
     let _scope = Scope::enter(mode, Some(deadline));
+    // SQLite stops reading at a NUL byte: what follows would be silently ignored.
+    if statement.sql.contains('\0') {
+        return Err(NodeError::InvalidRequest(
+            "the SQL text contains a NUL byte".into(),
+        ));
+    }
     // `prepare` (never `prepare_cached`) also prepares the tail and fails if it holds a
     // second statement; trailing `;`, spaces and comments are fine.
     let mut stmt = conn
         .prepare(&statement.sql)
         .map_err(|e| client_error(e, timeout))?;
+    // Blank text, a lone `;` or only a comment prepares to no statement at all (found by the
+    // fuzzer: stepping it was SQLITE_MISUSE, a 500).
+    if stmt.expanded_sql().is_none() {
+        return Err(NodeError::InvalidRequest(
+            "the SQL text holds no statement".into(),
+        ));
+    }
     let expected = stmt.parameter_count();
     if expected != statement.params.len() {
         return Err(NodeError::InvalidRequest(format!(

@@ -1,7 +1,6 @@
-//! `NodeState`: the pools, the configuration, the cached schema and the rebalance state
-//! (fences, whether changes are captured), shared by every handler.
+//! `NodeState`: the readers, the writer thread, the configuration, the cached schema and the
+//! rebalance state (fences, whether changes are captured), shared by every handler.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use rusqlite::Connection;
@@ -12,8 +11,11 @@ use crate::error::NodeError;
 use crate::fence::{self, FenceSet};
 use crate::schema::{Schema, TableSchema};
 use crate::transfer;
+use crate::writer::{Shared, Writer};
 
-/// An open node. Cloning is cheap: every clone shares the same pools and schema cache.
+/// An open node. Cloning is cheap: every clone shares the same readers, writer thread and
+/// schema cache. When the last clone is dropped, the writer finishes the writes already
+/// queued and closes the file.
 #[derive(Clone)]
 pub struct NodeState {
     inner: Arc<Inner>,
@@ -21,51 +23,46 @@ pub struct NodeState {
 
 struct Inner {
     config: NodeConfig,
+    /// The readers. Declared before `writer`, so dropped first: the writer's connection is
+    /// then the last to close, and closing it checkpoints the WAL and removes it.
     db: Db,
     /// Replaced whole after a migration; readers clone the `Arc` and drop the lock at once.
     schema: RwLock<Arc<Schema>>,
-    /// The fences in force: a copy of `_shardlite_fences`, replaced whole, and only while the
-    /// writer connection is held, right after the transaction that changed the table commits.
-    /// A write holding the writer therefore sees the same set as the table.
-    fences: RwLock<Arc<FenceSet>>,
-    /// Whether capture is installed (`_shardlite_changes` exists). Changed, like `fences`,
-    /// only while the writer is held; writes use it to decide whether to check what they logged.
-    capturing: AtomicBool,
-    /// Runs inside every client write transaction just before `COMMIT`: lets a test hold a
-    /// write in flight.
-    #[cfg(test)]
-    before_commit: std::sync::Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Fences, capture and the write counters, which the writer thread sees too.
+    shared: Arc<Shared>,
+    /// The writer thread's queue. Dropping it lets the thread finish what is queued.
+    writer: Writer,
 }
 
 impl NodeState {
-    /// Opens (or creates) the database file: WAL, pools, the migration ledger, the schema.
-    /// Blocking; call it before serving.
+    /// Opens (or creates) the database file: WAL, the readers, the migration ledger, the
+    /// schema, and starts the writer thread. Blocking; call it before serving.
     pub fn open(config: NodeConfig) -> Result<NodeState, NodeError> {
         let db = Db::open(&config)?;
-        let (schema, fences, capturing) = {
-            let writer = db.writer()?;
-            (
-                Schema::load(&writer)?,
-                fence::load(&writer)?,
-                transfer::capture_installed(&writer)?,
-            )
-        };
+        let writer = db.opener().open().map_err(|source| NodeError::Open {
+            path: config.db_path.clone(),
+            source,
+        })?;
+        let schema = Schema::load(&writer)?;
+        let fences = fence::load(&writer)?;
+        let capturing = transfer::capture_installed(&writer)?;
         tracing::info!(
             db = %config.db_path.display(),
             tables = schema.tables().count(),
             fences = fences.list.len(),
+            synchronous = config.synchronous.pragma_value(),
             capturing,
             "node database open"
         );
+        let shared = Arc::new(Shared::new(fences, capturing));
+        let writer = Writer::start(writer, db.opener().clone(), Arc::clone(&shared))?;
         Ok(NodeState {
             inner: Arc::new(Inner {
                 config,
                 db,
                 schema: RwLock::new(Arc::new(schema)),
-                fences: RwLock::new(Arc::new(fences)),
-                capturing: AtomicBool::new(capturing),
-                #[cfg(test)]
-                before_commit: std::sync::Mutex::new(None),
+                shared,
+                writer,
             }),
         })
     }
@@ -106,54 +103,65 @@ impl NodeState {
         Ok(())
     }
 
-    /// The fences in force. Consistent with `_shardlite_fences` when read holding the writer.
+    /// The fences in force. Consistent with `_shardlite_fences` when read on the writer thread.
     pub(crate) fn fences(&self) -> Arc<FenceSet> {
-        // The lock only guards an `Arc` swap, as for the schema.
-        Arc::clone(
-            &self
-                .inner
-                .fences
-                .read()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
+        self.inner.shared.fences()
     }
 
-    /// Installs a new fence set. Call it only holding the writer, after the commit that
+    /// Installs a new fence set. Call it only on the writer thread, after the commit that
     /// stored it.
     pub(crate) fn set_fences(&self, fences: FenceSet) {
-        *self
-            .inner
-            .fences
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(fences);
+        self.inner.shared.set_fences(fences);
     }
 
     /// Whether capture triggers and the change log are installed.
     pub(crate) fn capturing(&self) -> bool {
-        self.inner.capturing.load(Ordering::Acquire)
+        self.inner.shared.capturing()
     }
 
-    /// Records whether capture is installed. Call it only holding the writer, after the
+    /// Records whether capture is installed. Call it only on the writer thread, after the
     /// commit that installed or removed it.
     pub(crate) fn set_capturing(&self, on: bool) {
-        self.inner.capturing.store(on, Ordering::Release);
+        self.inner.shared.set_capturing(on);
     }
 
-    /// Runs `f` on the writer, on a blocking thread; whatever transaction `f` leaves open is
-    /// rolled back.
+    /// (client writes answered, transactions that committed them) since the node opened.
+    pub(crate) fn write_counts(&self) -> (u64, u64) {
+        self.inner.shared.counts()
+    }
+
+    /// Runs `f` alone on the writer thread, between two groups of client writes, and waits
+    /// for its answer; whatever transaction `f` leaves open is rolled back. For fences,
+    /// capture, transfer apply and purge, and migrations.
     pub(crate) async fn write<T, F>(&self, f: F) -> Result<T, NodeError>
     where
         F: FnOnce(&NodeState, &Connection) -> Result<T, NodeError> + Send + 'static,
         T: Send + 'static,
     {
         let state = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = state.inner.db.writer()?;
-            let out = f(&state, &conn);
-            db::tidy(&conn);
-            out
-        })
-        .await?
+        self.inner
+            .writer
+            .run_alone(move |conn| f(&state, conn))
+            .await
+    }
+
+    /// Runs a client write on the writer thread, grouped with the client writes queued beside
+    /// it into one transaction, and answers after that transaction commits. `keys` (routing
+    /// texts) are checked against the fences, and so, with capture on, are the keys `work`
+    /// logs; `rows` is the request's weight in its group. `work` runs inside the request's
+    /// savepoint; it may run more than once (if another request made SQLite roll the group's
+    /// transaction back), so it must not consume what it captures.
+    pub(crate) async fn client_write<T, F>(
+        &self,
+        keys: Vec<String>,
+        rows: usize,
+        work: F,
+    ) -> Result<T, NodeError>
+    where
+        F: FnMut(&Connection) -> Result<T, NodeError> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.inner.writer.run_grouped(keys, rows, work).await
     }
 
     /// Runs `f` on a read-only connection, on a blocking thread.
@@ -172,35 +180,30 @@ impl NodeState {
         .await?
     }
 
-    /// A writer connection for tests that look behind the API.
+    /// Runs `f` on the writer's connection between jobs, for tests that look behind the API.
     #[cfg(test)]
-    pub(crate) fn writer_for_test(&self) -> db::Conn {
-        self.inner
-            .db
-            .writer()
-            .expect("the writer is free between test requests")
+    pub(crate) fn with_writer_for_test<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> T + Send + 'static,
+    ) -> T {
+        self.inner.writer.with_connection(f)
     }
 
-    /// Makes every client write run `hook` just before its `COMMIT`.
+    /// Makes the writer wait until the guard is dropped, so that writes queue up.
+    #[cfg(test)]
+    pub(crate) async fn hold_writer_for_test(&self) -> crate::writer::Hold {
+        self.inner.writer.hold().await
+    }
+
+    /// Jobs waiting for the writer.
+    #[cfg(test)]
+    pub(crate) fn queued_for_test(&self) -> usize {
+        self.inner.writer.queued()
+    }
+
+    /// Makes every group of client writes run `hook` just before its `COMMIT`.
     #[cfg(test)]
     pub(crate) fn set_before_commit_hook(&self, hook: impl Fn() + Send + Sync + 'static) {
-        *self
-            .inner
-            .before_commit
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(hook));
-    }
-
-    #[cfg(test)]
-    pub(crate) fn run_before_commit_hook(&self) {
-        let hook = self
-            .inner
-            .before_commit
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(hook) = hook {
-            hook();
-        }
+        self.inner.shared.set_before_commit_hook(hook);
     }
 }

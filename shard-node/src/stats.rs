@@ -23,6 +23,13 @@ pub struct StatsResponse {
     /// Fenced ranges in force.
     #[serde(default)]
     pub fences: usize,
+    /// Client writes (row writes, batches, keyed SQL) answered since the node started.
+    #[serde(default)]
+    pub writes: u64,
+    /// Transactions that carried those writes (group commit): with `synchronous=FULL`, one
+    /// sync of the WAL each. `writes / commits` is the mean group size.
+    #[serde(default)]
+    pub commits: u64,
 }
 
 pub(crate) fn collect(conn: &Connection, schema: &Schema) -> rusqlite::Result<StatsResponse> {
@@ -41,5 +48,7 @@ pub(crate) fn collect(conn: &Connection, schema: &Schema) -> rusqlite::Result<St
         // The caller fills these in from the node's state.
         capturing: false,
         fences: 0,
+        writes: 0,
+        commits: 0,
     })
 }

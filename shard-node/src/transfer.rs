@@ -21,7 +21,10 @@
 //! - **Apply** writes whole rows with `INSERT ... ON CONFLICT (key) DO UPDATE SET` every column,
 //!   never `REPLACE` (which would delete first and fire delete triggers). Apply and purge are
 //!   the mover's writes: fences do not apply to them.
-//! - **Fences** live in `crate::fence`, which also runs every client write.
+//! - **Fences** live in `crate::fence`, which also checks every client write.
+//!
+//! Capture, apply and purge are writer jobs that run alone, each in its own transaction,
+//! between two groups of client writes.
 
 use std::collections::{BTreeMap, HashSet};
 

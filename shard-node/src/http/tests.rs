@@ -109,11 +109,13 @@ impl TestNode {
 
     /// The writer is back in autocommit, with no temp objects.
     pub(crate) fn assert_writer_clean(&self) {
-        let conn = self.state.writer_for_test();
-        assert!(conn.is_autocommit(), "the writer was left in a transaction");
-        let temp: i64 = conn
-            .query_row("SELECT count(*) FROM temp.sqlite_schema", [], |r| r.get(0))
-            .unwrap();
+        let (autocommit, temp) = self.state.with_writer_for_test(|conn| {
+            let temp: i64 = conn
+                .query_row("SELECT count(*) FROM temp.sqlite_schema", [], |r| r.get(0))
+                .unwrap();
+            (conn.is_autocommit(), temp)
+        });
+        assert!(autocommit, "the writer was left in a transaction");
         assert_eq!(temp, 0, "temp objects survived a request");
     }
 }
@@ -256,10 +258,10 @@ async fn writable_pragmas_are_refused() {
     assert_refused(&node, "PRAGMA database_list", "PRAGMA database_list").await;
     assert_refused(&node, "SELECT * FROM pragma_database_list", "database_list").await;
     // The file is still in WAL mode.
-    let conn = node.state.writer_for_test();
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-        .unwrap();
+    let mode: String = node.state.with_writer_for_test(|conn| {
+        conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap()
+    });
     assert_eq!(mode, "wal");
 }
 
@@ -322,6 +324,9 @@ async fn transactions_and_ddl_are_refused() {
     assert_refused(&node, "BEGIN IMMEDIATE", "BEGIN").await;
     assert_refused(&node, "COMMIT", "COMMIT").await;
     assert_refused(&node, "SAVEPOINT s", "SAVEPOINT").await;
+    // Nor can it reach the savepoint the writer wraps each request of a group in.
+    assert_refused(&node, "RELEASE shardlite_write", "SAVEPOINT").await;
+    assert_refused(&node, "ROLLBACK TO shardlite_write", "ROLLBACK").await;
     assert_refused(&node, "CREATE TABLE x (a)", "shardlite migrate").await;
     assert_refused(&node, "DROP TABLE users", "shardlite migrate").await;
     assert_refused(&node, "ALTER TABLE users ADD COLUMN x", "shardlite migrate").await;
@@ -777,6 +782,53 @@ async fn bad_requests_get_json_errors() {
 }
 
 #[tokio::test]
+async fn sql_with_no_statement_or_a_nul_byte_is_400() {
+    let node = TestNode::new().await;
+    for sql in [
+        "",
+        "   ",
+        ";",
+        "-- only a comment",
+        "/* */ ;",
+        "SELECT 1\u{0}; DROP TABLE users",
+    ] {
+        for readonly in [true, false] {
+            let (status, body) = node
+                .call(
+                    "POST",
+                    "/v1/sql",
+                    Some(json!({"sql": sql, "readonly": readonly})),
+                )
+                .await;
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{sql:?} readonly={readonly}: {body}"
+            );
+            error_of(&body);
+        }
+        let (status, body) = node
+            .call(
+                "POST",
+                "/v1/sql",
+                Some(json!({"statements": [{"sql": "INSERT INTO users (id) VALUES ('z')"}, {"sql": sql}]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{sql:?} in a list: {body}");
+    }
+    let (status, _) = node.call("GET", "/v1/tables/users/rows/z", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the list was rolled back");
+    let (status, _) = node
+        .call(
+            "POST",
+            "/v1/sql",
+            Some(json!({"sql": "SELECT count(*) FROM users", "readonly": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "users still exists");
+}
+
+#[tokio::test]
 async fn bodies_over_the_limit_get_413() {
     let node = TestNode::with_config(|c| c.max_body_bytes = 4096).await;
     let big = json!({"name": "x".repeat(5000)});
@@ -1012,13 +1064,11 @@ async fn migrations_cannot_touch_internals_or_transactions() {
     }
     let (_, body) = node.call("GET", "/v1/migrations", None).await;
     assert_eq!(body["applied"].as_array().unwrap().len(), 2);
-    {
-        let conn = node.state.writer_for_test();
-        let on: i64 = conn
-            .query_row("PRAGMA recursive_triggers", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(on, 1, "a migration changed the writer's settings");
-    }
+    let on: i64 = node.state.with_writer_for_test(|conn| {
+        conn.query_row("PRAGMA recursive_triggers", [], |r| r.get(0))
+            .unwrap()
+    });
+    assert_eq!(on, 1, "a migration changed the writer's settings");
     // Table rebuild scripts may switch foreign keys off (a no-op inside the transaction).
     let request = json!({"migrations": [{"version": 3, "name": "rebuild", "sql":
         "PRAGMA foreign_keys = OFF; CREATE TABLE e (id TEXT PRIMARY KEY); PRAGMA user_version = 3;"}]});

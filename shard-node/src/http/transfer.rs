@@ -1,7 +1,7 @@
 //! Handlers of `/v1/transfer/*`: what the proxy's rebalance calls on a node.
 //!
 //! Reads (changes, scan, count, fetch) run on a reader; capture, apply, purge and fences on
-//! the writer, each as one transaction.
+//! the writer thread, each alone, as one transaction.
 
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -150,7 +150,8 @@ async fn list_fences(State(state): State<NodeState>) -> Json<FencesResponse> {
     })
 }
 
-/// Waits for the writer, so it returns only after every write admitted before it committed.
+/// A job on the writer's queue: it returns only after every write queued before it committed,
+/// and every write queued after it sees the fence.
 async fn put_fences(
     State(state): State<NodeState>,
     JsonBody(request): JsonBody<PutFencesRequest>,

@@ -206,18 +206,16 @@ async fn capture_is_idempotent_and_capture_off_removes_everything() {
         ok(&node, "DELETE", "/v1/transfer/capture", None).await,
         json!({})
     );
-    {
-        let conn = node.state.writer_for_test();
-        let left: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' \
-                 OR name = '_shardlite_changes'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(left, 0, "capture left triggers or the log behind");
-    }
+    let left: i64 = node.state.with_writer_for_test(|conn| {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' \
+             OR name = '_shardlite_changes'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    });
+    assert_eq!(left, 0, "capture left triggers or the log behind");
     ok(&node, "PUT", "/v1/tables/users/rows/z", Some(json!({}))).await;
     assert_eq!(
         ok(

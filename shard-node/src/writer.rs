@@ -1,0 +1,630 @@
+//! The writer: one thread that owns the node's read-write connection and runs every write,
+//! in the order the writes were queued, grouping the client writes queued together into one
+//! transaction (group commit).
+//!
+//! # Two kinds of job
+//!
+//! - **Client writes** (row `PUT` and `DELETE`, batch upserts, keyed SQL) are *grouped*. The
+//!   thread takes the first one from the queue, then every client write already queued behind
+//!   it, up to [`MAX_GROUP_WRITES`] requests or [`MAX_GROUP_ROWS`] rows, and runs them in one
+//!   transaction: `BEGIN IMMEDIATE`, the fences read once ([`Check`]), then for each request
+//!   `SAVEPOINT`, the fence check and the work (`Check::run`), `RELEASE`, or, if the request
+//!   failed, `ROLLBACK TO` and `RELEASE`, so the others keep their work. Then one `COMMIT`,
+//!   which with `synchronous=FULL` is one sync of the WAL for the whole group, and only then
+//!   every request gets its answer, failures included (a failure may depend on what an earlier
+//!   request of the group wrote, such as a 404 for a row deleted just before). If `BEGIN` or
+//!   `COMMIT` fails, every request of the group gets that error, with one exception: a
+//!   deferred foreign key is checked only at `COMMIT`, so when that check fails, the group's
+//!   requests run again one by one, each in a transaction of its own, and only the request
+//!   that left the key unresolved fails.
+//! - **Jobs that run alone**: fence changes, capture on and off, transfer apply and purge,
+//!   migrations. Each runs its own transactions on the same connection, between two groups.
+//!   Gathering a group stops at the first such job in the queue; it runs right after the group.
+//!
+//! # Ordering, and why the rebalance argument still holds
+//!
+//! There is one queue and one thread, so jobs start in queue order and a job starts only after
+//! the previous one committed (a group is one job). A fence `PUT` is a job that runs alone:
+//! every client write queued before it was gathered into a group that committed before the
+//! fence job started, and every write queued after it runs in a later group, whose `BEGIN
+//! IMMEDIATE` comes after the fence's commit and whose [`Check`] is read after that `BEGIN`.
+//! The in-memory fence set changes only on this thread, right after the fence's commit. So the
+//! argument of `docs/rebalance.md` ("a write is never admitted before the fence and committed
+//! after it") holds as it did with one pooled writer connection: a fence `PUT` answers only
+//! after every write queued before it committed, and the writes it did not wait for see it.
+//!
+//! # Per-request controls inside a group
+//!
+//! The authorizer's mode and the statement deadline are thread-locals (`guard`), set by a
+//! `Scope` around each client statement and restored after it, so they are per request even
+//! though a whole group runs on this one thread. The thread's own statements (`BEGIN`,
+//! `SAVEPOINT`, `RELEASE`, `ROLLBACK TO`, `COMMIT`, the fence reads) run under an explicit
+//! `Internal` scope with no deadline, so a deadline can never interrupt a commit. Client SQL
+//! cannot name our savepoint: the authorizer refuses `SAVEPOINT`, `RELEASE` and `ROLLBACK`
+//! from clients.
+//!
+//! # A lost transaction
+//!
+//! Most failures end only the request's savepoint. A few make SQLite roll back the whole
+//! transaction: an interrupted write statement (a client statement past its deadline), `OR
+//! ROLLBACK` and `RAISE(ROLLBACK)`, an I/O error, a full disk. The connection is then back in
+//! autocommit. Nothing of the group has been answered yet, so the request during which it
+//! happened gets its error and the other requests run again, from the start, in a new
+//! transaction. Every loss removes one request, so a group runs at most as many times as it
+//! has requests; the work of a client write is therefore a re-runnable `FnMut`.
+//!
+//! # Hygiene, failures and shutdown
+//!
+//! After each job the connection is checked as the readers' pool checks its connections: an
+//! open transaction is rolled back; a connection that still carries state (temporary objects,
+//! say, from a migration) or cannot be checked is closed, and the next job opens a new one. A
+//! panic inside a job is caught: its requests get a 500 (nothing they did was committed) and
+//! the thread goes on. When the last `NodeState` is dropped, the queue closes; the thread
+//! finishes every job still queued, closes the connection (the last one to close checkpoints
+//! the WAL) and exits, and the drop waits for it.
+
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::thread::{self, JoinHandle};
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::db::{self, Opener};
+use crate::error::NodeError;
+use crate::fence::{Check, FenceSet};
+use crate::guard::{Mode, Scope};
+
+/// Most client writes one group transaction carries.
+pub(crate) const MAX_GROUP_WRITES: usize = 256;
+
+/// Most rows one group carries: a row write counts one, a batch its rows, client SQL its
+/// statements. A request larger than this still runs, in a group of its own.
+pub(crate) const MAX_GROUP_ROWS: usize = 10_000;
+
+/// Jobs the queue holds; beyond that a handler waits for room (back-pressure, not an error).
+const QUEUE_CAPACITY: usize = 4096;
+
+/// The thread's own statements, run through the statement cache: they run once or twice per
+/// request, on the one thread every write waits for.
+const BEGIN: &str = "BEGIN IMMEDIATE";
+const COMMIT: &str = "COMMIT";
+const SAVEPOINT: &str = "SAVEPOINT shardlite_write";
+const RELEASE: &str = "RELEASE shardlite_write";
+const ROLLBACK_TO: &str = "ROLLBACK TO shardlite_write";
+
+/// What the writer thread and the handlers both see. The thread holds it, so it must never
+/// hold the writer (the thread would keep itself alive).
+pub(crate) struct Shared {
+    /// The fences in force: a copy of `_shardlite_fences`, replaced whole, only on the writer
+    /// thread, right after the transaction that changed the table commits.
+    fences: RwLock<Arc<FenceSet>>,
+    /// Whether capture is installed (`_shardlite_changes` exists). Changed, like `fences`, only
+    /// on the writer thread; writes use it to decide whether to check what they logged.
+    capturing: AtomicBool,
+    /// Client writes answered, and the transactions that carried them: `writes / commits` is
+    /// the mean group size, which operators read in `/v1/stats`.
+    writes: AtomicU64,
+    commits: AtomicU64,
+    /// Runs in every group transaction just before `COMMIT`: lets a test hold a write in flight.
+    #[cfg(test)]
+    before_commit: std::sync::Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl Shared {
+    pub(crate) fn new(fences: FenceSet, capturing: bool) -> Shared {
+        Shared {
+            fences: RwLock::new(Arc::new(fences)),
+            capturing: AtomicBool::new(capturing),
+            writes: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            #[cfg(test)]
+            before_commit: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn fences(&self) -> Arc<FenceSet> {
+        // The lock only guards an `Arc` swap, so a poisoned lock still holds a whole set.
+        Arc::clone(&self.fences.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub(crate) fn set_fences(&self, fences: FenceSet) {
+        *self.fences.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fences);
+    }
+
+    pub(crate) fn capturing(&self) -> bool {
+        self.capturing.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_capturing(&self, on: bool) {
+        self.capturing.store(on, Ordering::Release);
+    }
+
+    fn count(&self, writes: usize, committed: bool) {
+        self.writes.fetch_add(writes as u64, Ordering::Relaxed);
+        if committed {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (client writes answered, transactions that committed them) since the node opened.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (
+            self.writes.load(Ordering::Relaxed),
+            self.commits.load(Ordering::Relaxed),
+        )
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_before_commit_hook(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *self
+            .before_commit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(hook));
+    }
+
+    #[cfg(test)]
+    fn run_before_commit_hook(&self) {
+        let hook = self
+            .before_commit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+}
+
+/// A job that runs alone; it gets the connection, or why there is none.
+type AloneJob = Box<dyn FnOnce(Result<&Connection, NodeError>) + Send>;
+
+enum Job {
+    Alone(AloneJob),
+    Grouped(Box<dyn Pending>),
+}
+
+/// A queued client write, its output type erased so that one group can carry many kinds.
+trait Pending: Send {
+    /// What the request weighs against [`MAX_GROUP_ROWS`].
+    fn rows(&self) -> usize;
+    /// Runs the fence check and the work inside the caller's savepoint, keeping the output for
+    /// the answer. Called again if the group's transaction is lost.
+    fn run(&mut self, conn: &Connection, check: &Check) -> Result<(), NodeError>;
+    /// Sends the kept output, or `outcome`'s error.
+    fn answer(self: Box<Self>, outcome: Result<(), NodeError>);
+}
+
+struct ClientWrite<T, F> {
+    /// Routing texts of the keys the request names, checked against the fences.
+    keys: Vec<String>,
+    rows: usize,
+    work: F,
+    output: Option<T>,
+    reply: oneshot::Sender<Result<T, NodeError>>,
+}
+
+impl<T, F> Pending for ClientWrite<T, F>
+where
+    T: Send,
+    F: FnMut(&Connection) -> Result<T, NodeError> + Send,
+{
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn run(&mut self, conn: &Connection, check: &Check) -> Result<(), NodeError> {
+        self.output = None;
+        self.output = Some(check.run(conn, &self.keys, &mut self.work)?);
+        Ok(())
+    }
+
+    fn answer(self: Box<Self>, outcome: Result<(), NodeError>) {
+        let ClientWrite { output, reply, .. } = *self;
+        let answer =
+            outcome.map(|()| output.expect("a request that ran to its RELEASE kept its output"));
+        // The client may have gone away; what was committed stays committed.
+        let _ = reply.send(answer);
+    }
+}
+
+/// The handle on the writer thread: its queue. Dropping it closes the queue and waits for the
+/// thread to finish what is queued.
+pub(crate) struct Writer {
+    /// `None` only inside `drop`.
+    queue: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `conn`, an open connection from `opener` (which reopens it
+    /// when it has to be replaced).
+    pub(crate) fn start(
+        conn: Connection,
+        opener: Opener,
+        shared: Arc<Shared>,
+    ) -> Result<Writer, NodeError> {
+        let (queue, jobs) = mpsc::channel(QUEUE_CAPACITY);
+        let worker = Worker {
+            jobs,
+            held: None,
+            conn: Some(conn),
+            opener,
+            shared,
+        };
+        let thread = thread::Builder::new()
+            .name("shardlite-writer".into())
+            .spawn(move || worker.run())
+            .map_err(NodeError::WriterThread)?;
+        Ok(Writer {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    async fn queue(&self, job: Job) -> Result<(), NodeError> {
+        let queue = self.queue.as_ref().ok_or(NodeError::WriterStopped)?;
+        queue.send(job).await.map_err(|_| NodeError::WriterStopped)
+    }
+
+    /// Queues `work` to run alone, in transactions of its own, and waits for its answer.
+    pub(crate) async fn run_alone<T, F>(&self, work: F) -> Result<T, NodeError>
+    where
+        F: FnOnce(&Connection) -> Result<T, NodeError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.queue(Job::Alone(Box::new(move |conn| {
+            // The client may have gone away; the job ran all the same.
+            let _ = reply.send(conn.and_then(work));
+        })))
+        .await?;
+        answer.await.map_err(|_| NodeError::WriteAbandoned)?
+    }
+
+    /// Queues a client write, to be grouped with the others queued beside it, and waits for
+    /// the answer, which comes after the commit that carries it. `keys` are the routing texts
+    /// the request names; `rows` its weight against [`MAX_GROUP_ROWS`]; `work` runs inside the
+    /// request's savepoint, and again if the group's transaction is lost.
+    pub(crate) async fn run_grouped<T, F>(
+        &self,
+        keys: Vec<String>,
+        rows: usize,
+        work: F,
+    ) -> Result<T, NodeError>
+    where
+        F: FnMut(&Connection) -> Result<T, NodeError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.queue(Job::Grouped(Box::new(ClientWrite {
+            keys,
+            rows,
+            work,
+            output: None,
+            reply,
+        })))
+        .await?;
+        answer.await.map_err(|_| NodeError::WriteAbandoned)?
+    }
+
+    /// Jobs waiting in the queue (not the one running).
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        self.queue
+            .as_ref()
+            .map_or(0, |q| q.max_capacity() - q.capacity())
+    }
+
+    /// Runs `f` on the writer's connection, between jobs, blocking the calling thread.
+    #[cfg(test)]
+    pub(crate) fn with_connection<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job = Job::Alone(Box::new(move |conn| {
+            let conn = conn.expect("the writer's connection opens in tests");
+            let _ = tx.send(f(conn));
+        }));
+        let queue = self.queue.as_ref().expect("the writer runs until dropped");
+        if queue.try_send(job).is_err() {
+            panic!("the writer's queue has room between test requests");
+        }
+        rx.recv().expect("the writer runs every queued job")
+    }
+
+    /// Makes the writer thread wait, inside a job, until the returned guard is dropped: the
+    /// jobs queued meanwhile are all there when it goes on.
+    #[cfg(test)]
+    pub(crate) async fn hold(&self) -> Hold {
+        let (entered, inside) = oneshot::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        self.queue(Job::Alone(Box::new(move |_| {
+            let _ = entered.send(());
+            // Returns when the guard's sender is dropped.
+            let _ = released.recv();
+        })))
+        .await
+        .expect("the writer runs until dropped");
+        inside.await.expect("the writer runs the hold");
+        Hold { _release: release }
+    }
+}
+
+/// Keeps the writer thread waiting until dropped (tests only).
+#[cfg(test)]
+pub(crate) struct Hold {
+    _release: std::sync::mpsc::Sender<()>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue lets the thread finish what is queued, close the connection, exit.
+        drop(self.queue.take());
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        if thread.thread().id() == thread::current().id() {
+            // A job on the writer thread held the last handle on the node: the thread exits
+            // on its own once the queue is empty, and cannot wait for itself.
+            return;
+        }
+        if thread.join().is_err() {
+            tracing::error!("the writer thread panicked");
+        }
+    }
+}
+
+/// The writer thread's side: the queue's receiving end and the connection.
+struct Worker {
+    jobs: mpsc::Receiver<Job>,
+    /// A job taken from the queue while gathering a group, which must run right after it.
+    held: Option<Job>,
+    /// `None` after the connection had to be closed, until the next job opens a new one.
+    conn: Option<Connection>,
+    opener: Opener,
+    shared: Arc<Shared>,
+}
+
+/// How one pass over a group's requests ended.
+enum Pass {
+    /// Every request ran; its outcome is kept.
+    Done,
+    /// SQLite rolled the whole transaction back during one request, now marked lost.
+    Lost,
+}
+
+/// A request of the group being run.
+struct Member {
+    pending: Box<dyn Pending>,
+    /// The outcome of its last run; `None` before it ran.
+    outcome: Option<Result<(), NodeError>>,
+    /// It made SQLite roll the transaction back: it keeps its error and does not run again.
+    lost: bool,
+}
+
+impl Worker {
+    fn run(mut self) {
+        while let Some(job) = self.held.take().or_else(|| self.jobs.blocking_recv()) {
+            match job {
+                Job::Alone(job) => self.alone(job),
+                Job::Grouped(first) => {
+                    let group = self.gather(first);
+                    self.group(group);
+                }
+            }
+        }
+        if let Some(conn) = self.conn.take() {
+            close(conn);
+        }
+        tracing::info!("writer stopped: queue closed and empty");
+    }
+
+    /// `first`, and the client writes queued right behind it, within the group's limits.
+    fn gather(&mut self, first: Box<dyn Pending>) -> Vec<Box<dyn Pending>> {
+        let mut rows = first.rows();
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP_WRITES {
+            match self.jobs.try_recv() {
+                Ok(Job::Grouped(next)) if rows.saturating_add(next.rows()) <= MAX_GROUP_ROWS => {
+                    rows += next.rows();
+                    group.push(next);
+                }
+                Ok(job) => {
+                    // A job that runs alone, or a write that would overfill the group: it runs
+                    // next, after this group, so the queue's order is kept.
+                    self.held = Some(job);
+                    break;
+                }
+                // Empty or closed: what was queued is all in.
+                Err(_) => break,
+            }
+        }
+        group
+    }
+
+    fn alone(&mut self, job: AloneJob) {
+        match connection(&mut self.conn, &self.opener) {
+            Ok(conn) => {
+                let _internal = Scope::enter(Mode::Internal, None);
+                if panic::catch_unwind(AssertUnwindSafe(|| job(Ok(conn)))).is_err() {
+                    tracing::error!("a write job panicked; its transaction is rolled back");
+                }
+            }
+            Err(e) => job(Err(NodeError::Open {
+                path: self.opener.path().to_owned(),
+                source: e,
+            })),
+        }
+        self.tidy();
+    }
+
+    fn group(&mut self, group: Vec<Box<dyn Pending>>) {
+        let started = std::time::Instant::now();
+        let mut members: Vec<Member> = group
+            .into_iter()
+            .map(|pending| Member {
+                pending,
+                outcome: None,
+                lost: false,
+            })
+            .collect();
+        let ran = panic::catch_unwind(AssertUnwindSafe(|| self.transact(&mut members)));
+        // Rolls back a transaction that failed to commit, before anything else runs.
+        self.tidy();
+        let writes = members.len();
+        match ran {
+            Ok(Ok(())) => {
+                self.shared.count(writes, true);
+                tracing::debug!(
+                    writes,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "group committed"
+                );
+                for member in members {
+                    let outcome = member
+                        .outcome
+                        .expect("every request of a committed group ran before the commit");
+                    member.pending.answer(outcome);
+                }
+            }
+            Ok(Err(e)) if writes > 1 && is_deferred_violation(&e) => {
+                // A request left a deferred foreign key unresolved, which SQLite checks only
+                // at COMMIT. Nothing was answered: every request runs again in a transaction
+                // of its own, so only the one that broke the key fails.
+                tracing::info!(
+                    writes,
+                    error = %e,
+                    "a group failed a deferred check; its writes run one by one"
+                );
+                for member in members {
+                    self.group(vec![member.pending]);
+                }
+            }
+            Ok(Err(e)) => {
+                self.shared.count(writes, false);
+                tracing::error!(writes, error = %e, "a group transaction failed");
+                let e = Arc::new(e);
+                for member in members {
+                    member
+                        .pending
+                        .answer(Err(NodeError::GroupTransaction(Arc::clone(&e))));
+                }
+            }
+            Err(_) => {
+                self.shared.count(writes, false);
+                tracing::error!(writes, "a group of writes panicked; it is rolled back");
+                for member in members {
+                    member.pending.answer(Err(NodeError::WriteAbandoned));
+                }
+            }
+        }
+    }
+
+    /// Runs the group's transaction to its `COMMIT`; the caller answers.
+    fn transact(&mut self, members: &mut [Member]) -> rusqlite::Result<()> {
+        // The thread's own statements: never judged as a client's, never under a deadline.
+        let _internal = Scope::enter(Mode::Internal, None);
+        let conn = connection(&mut self.conn, &self.opener)?;
+        loop {
+            run(conn, BEGIN)?;
+            // Read now, holding the write lock: fences change only on this thread.
+            let check = Check::new(self.shared.fences(), self.shared.capturing());
+            match pass(conn, &check, members)? {
+                Pass::Done => break,
+                Pass::Lost => continue,
+            }
+        }
+        #[cfg(test)]
+        self.shared.run_before_commit_hook();
+        run(conn, COMMIT)
+    }
+
+    /// After a job: rolls back what it left open, and closes a connection that still carries
+    /// state, so the next job opens a fresh one.
+    fn tidy(&mut self) {
+        let Some(conn) = &self.conn else {
+            return;
+        };
+        db::tidy(conn);
+        if db::carries_state(conn) {
+            if let Some(conn) = self.conn.take() {
+                close(conn);
+            }
+        }
+    }
+}
+
+/// Runs every request of the group not yet lost, each in its savepoint, inside the open
+/// transaction. An error is the connection's (a savepoint statement failed): the group fails.
+fn pass(conn: &Connection, check: &Check, members: &mut [Member]) -> rusqlite::Result<Pass> {
+    for member in members.iter_mut().filter(|m| !m.lost) {
+        run(conn, SAVEPOINT)?;
+        let outcome = member
+            .pending
+            .run(conn, check)
+            .and_then(|()| Ok(run(conn, RELEASE)?));
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (see the module notes): this request
+            // fails, the others run again in a new transaction.
+            let error = outcome.err().unwrap_or_else(|| {
+                tracing::error!("a write ended the group's transaction without an error");
+                NodeError::WriteAbandoned
+            });
+            tracing::info!(
+                error = %error,
+                "a write lost its group's transaction; the others run again"
+            );
+            member.outcome = Some(Err(error));
+            member.lost = true;
+            return Ok(Pass::Lost);
+        }
+        if outcome.is_err() {
+            run(conn, ROLLBACK_TO)?;
+            run(conn, RELEASE)?;
+        }
+        member.outcome = Some(outcome);
+    }
+    Ok(Pass::Done)
+}
+
+/// Runs one of the thread's own statements.
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// Whether a failed group transaction failed on a deferred constraint (a foreign key declared
+/// `DEFERRABLE INITIALLY DEFERRED`), the only check SQLite leaves to `COMMIT`.
+fn is_deferred_violation(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)
+}
+
+/// The open connection, or a new one if the last had to be closed.
+fn connection<'c>(
+    slot: &'c mut Option<Connection>,
+    opener: &Opener,
+) -> rusqlite::Result<&'c Connection> {
+    let conn = match slot.take() {
+        Some(conn) => conn,
+        None => {
+            let conn = opener.open().inspect_err(|e| {
+                tracing::error!(error = %e, "cannot open the writer's connection");
+            })?;
+            tracing::info!("writer connection reopened");
+            conn
+        }
+    };
+    Ok(slot.insert(conn))
+}
+
+fn close(conn: Connection) {
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "closing the writer's connection failed");
+    }
+}
+
+#[cfg(test)]
+mod tests;
