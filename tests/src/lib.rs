@@ -407,3 +407,37 @@ impl Spawned {
         Spawned { child, url }
     }
 }
+
+/// Starts `n` node processes n1..nN with their files in `dir`, each with `extra` flags.
+pub fn spawn_nodes(dir: &Path, n: usize, extra: &[&str]) -> Vec<Spawned> {
+    (1..=n)
+        .map(|i| {
+            let db = dir.join(format!("n{i}.db"));
+            let mut args = vec![
+                "node",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                db.to_str().unwrap(),
+            ];
+            args.extend_from_slice(extra);
+            Spawned::start(&args)
+        })
+        .collect()
+}
+
+/// Upserts `n` users `{prefix}-{i}` (name = id) in batches; returns their keys.
+pub async fn preload_users(client: &Client, prefix: &str, n: usize) -> Vec<String> {
+    let keys: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    for chunk in keys.chunks(2000) {
+        let rows: Vec<Value> = chunk
+            .iter()
+            .map(|k| json!({ "id": k, "name": k }))
+            .collect();
+        let (status, body) = client
+            .post("/v1/tables/users/rows", json!({ "rows": rows }))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    keys
+}

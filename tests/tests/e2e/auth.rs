@@ -2,7 +2,7 @@
 //! from bypassing the proxy.
 
 use serde_json::json;
-use shardlite_tests::{Client, Spawned, sample_migrations, shardlite_bin};
+use shardlite_tests::{Client, Spawned, sample_migrations, shardlite_bin, spawn_nodes};
 
 const DATA: &str = "data-token-1";
 const ADMIN: &str = "admin-token-2";
@@ -11,20 +11,7 @@ const SECRET: &str = "cluster-secret-3";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_guard_the_apis_and_the_secret_guards_the_nodes() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes: Vec<Spawned> = (1..=2)
-        .map(|i| {
-            let db = dir.path().join(format!("n{i}.db"));
-            Spawned::start(&[
-                "node",
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                db.to_str().unwrap(),
-                "--cluster-secret",
-                SECRET,
-            ])
-        })
-        .collect();
+    let nodes = spawn_nodes(dir.path(), 2, &["--cluster-secret", SECRET]);
     let state = dir.path().join("proxy.db");
     let (n1, n2) = (
         format!("n1={}", nodes[0].url),

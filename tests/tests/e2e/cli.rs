@@ -1,6 +1,6 @@
 //! The `shardlite` binary against a real proxy process.
 
-use shardlite_tests::{Spawned, sample_migrations, shardlite_bin};
+use shardlite_tests::{Spawned, sample_migrations, shardlite_bin, spawn_nodes};
 use std::process::Command;
 
 fn shardlite(args: &[&str]) -> (i32, String, String) {
@@ -19,18 +19,7 @@ fn shardlite(args: &[&str]) -> (i32, String, String) {
 #[test]
 fn status_verify_and_migrate_work_against_a_proxy_process() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes: Vec<Spawned> = (1..=2)
-        .map(|i| {
-            let db = dir.path().join(format!("n{i}.db"));
-            Spawned::start(&[
-                "node",
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                db.to_str().unwrap(),
-            ])
-        })
-        .collect();
+    let nodes = spawn_nodes(dir.path(), 2, &[]);
     let state = dir.path().join("proxy.db");
     let mut args = vec![
         "proxy".to_owned(),

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use shardlite::upstream::UpstreamConfig;
-use shardlite_tests::{Client, Spawned, sample_migrations};
+use shardlite_tests::{Client, Spawned, sample_migrations, spawn_nodes};
 use std::time::{Duration, Instant};
 
 /// Three node processes and an in-process proxy over them.
@@ -16,18 +16,7 @@ struct ProcessCluster {
 impl ProcessCluster {
     async fn start(n: usize) -> ProcessCluster {
         let dir = tempfile::tempdir().unwrap();
-        let nodes: Vec<Spawned> = (1..=n)
-            .map(|i| {
-                let db = dir.path().join(format!("n{i}.db"));
-                Spawned::start(&[
-                    "node",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--db",
-                    db.to_str().unwrap(),
-                ])
-            })
-            .collect();
+        let nodes = spawn_nodes(dir.path(), n, &[]);
         let mut config = shardlite::ProxyConfig::new(dir.path().join("proxy.db"));
         config.seed_nodes = nodes
             .iter()

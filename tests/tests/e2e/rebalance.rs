@@ -3,7 +3,9 @@
 
 use serde_json::{Value, json};
 use shardlite_tests::history::{self, WriterLog};
-use shardlite_tests::{Client, TestCluster, keys_in_file, rebalance_and_wait, ring_of};
+use shardlite_tests::{
+    Client, TestCluster, keys_in_file, preload_users, rebalance_and_wait, ring_of,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,18 +29,7 @@ fn seed() -> u64 {
 }
 
 async fn preload(client: &Client) -> Vec<String> {
-    let keys: Vec<String> = (0..PRELOADED).map(|i| format!("still-{i}")).collect();
-    for chunk in keys.chunks(1000) {
-        let rows: Vec<Value> = chunk
-            .iter()
-            .map(|k| json!({ "id": k, "name": k }))
-            .collect();
-        let (status, body) = client
-            .post("/v1/tables/users/rows", json!({ "rows": rows }))
-            .await;
-        assert_eq!(status, 200, "{body}");
-    }
-    keys
+    preload_users(client, "still", PRELOADED).await
 }
 
 /// Where each key's row is, read from the node files.

@@ -4,7 +4,9 @@
 
 use serde_json::{Value, json};
 use shardlite_tests::history::{self, WriterLog};
-use shardlite_tests::{Client, Spawned, sample_migrations, shardlite_bin, wait_for_rebalance};
+use shardlite_tests::{
+    Client, Spawned, preload_users, sample_migrations, shardlite_bin, wait_for_rebalance,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -63,17 +65,7 @@ impl Cluster {
             .post("/v1/cluster/migrations", json!({ "migrations": set }))
             .await;
         assert_eq!(status, 200, "{body}");
-        let keys: Vec<String> = (0..ROWS).map(|i| format!("still-{i}")).collect();
-        for chunk in keys.chunks(2000) {
-            let rows: Vec<Value> = chunk
-                .iter()
-                .map(|k| json!({ "id": k, "name": k }))
-                .collect();
-            let (status, body) = client
-                .post("/v1/tables/users/rows", json!({ "rows": rows }))
-                .await;
-            assert_eq!(status, 200, "{body}");
-        }
+        preload_users(&client, "still", ROWS).await;
         Cluster {
             dir,
             nodes,
