@@ -273,3 +273,41 @@ async fn a_batch_spans_shards_and_one_bad_row_refuses_it_all() {
     }
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fails_on_one_shard_names_the_keys_not_written() {
+    let mut cluster = TestCluster::start(3).await;
+    let c = cluster.client.clone();
+    let (_, topology) = c.get("/v1/cluster").await;
+    let ring = shardlite_tests::ring_of(&topology);
+    cluster.nodes[1].stop().await; // n2
+    let keys: Vec<String> = (0..60).map(|i| format!("part{i}")).collect();
+    let rows: Vec<Value> = keys.iter().map(|k| json!({ "id": k })).collect();
+    let (status, body) = c
+        .post("/v1/tables/users/rows", json!({ "rows": rows }))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let on_n2: Vec<&String> = keys
+        .iter()
+        .filter(|k| ring.lookup(k).unwrap().as_str() == "n2")
+        .collect();
+    assert!(!on_n2.is_empty());
+    let mut not_written: Vec<String> = serde_json::from_value(body["not_written"].clone()).unwrap();
+    not_written.sort();
+    let mut expected: Vec<String> = on_n2.iter().map(|k| (*k).clone()).collect();
+    expected.sort();
+    assert_eq!(not_written, expected, "exactly n2's keys are named: {body}");
+    assert_eq!(body["upserted"], json!(keys.len() - expected.len()));
+    assert!(body["error"].as_str().unwrap().contains("n2"), "{body}");
+    for key in keys
+        .iter()
+        .filter(|k| ring.lookup(k).unwrap().as_str() != "n2")
+    {
+        assert_eq!(
+            c.get(&Client::row_path("users", key)).await.0,
+            200,
+            "{key} was written"
+        );
+    }
+    cluster.stop().await;
+}
