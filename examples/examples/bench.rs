@@ -123,6 +123,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let bin = find_shardlite(&root)?;
     println!("shardlite binary: {}", bin.display());
+    let stale = stale_sources(&root, &bin);
+    if let Some(newer) = &stale {
+        println!(
+            "warning: {} is older than {newer}: it may not be the code in the tree; run \
+             `cargo build --release -p shardlite --bin shardlite` first",
+            bin.display()
+        );
+    }
     println!(
         "seed {:#x}; {} connections, {} s warm-up + {} s per phase, {} nodes, {} rows",
         args.seed, args.connections, args.warmup_secs, args.duration_secs, args.nodes, args.rows
@@ -347,6 +355,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let report = Report {
         args: &args,
         bin: &bin,
+        stale: stale.as_deref(),
         root: &root,
         nginx: &nginx,
         results: &results,
@@ -499,6 +508,70 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// The newest source file of the `shardlite` binary (proxy, node, ring, manifests), if it is
+/// newer than `bin`: then the binary may not be what the tree holds.
+fn stale_sources(root: &Path, bin: &Path) -> Option<String> {
+    fn walk(path: &Path, newest: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                walk(&entry.path(), newest);
+            }
+        } else {
+            let time = meta.modified().ok();
+            match (time, newest.as_ref()) {
+                (Some(time), Some((t, _))) if time <= *t => {}
+                (Some(time), _) => *newest = Some((time, path.to_path_buf())),
+                (None, _) => {}
+            }
+        }
+    }
+    let built = std::fs::metadata(bin).ok()?.modified().ok()?;
+    let mut newest = None;
+    for part in [
+        "proxy/src",
+        "proxy/Cargo.toml",
+        "shard-node/src",
+        "shard-node/Cargo.toml",
+        "ring/src",
+        "ring/Cargo.toml",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
+        walk(&root.join(part), &mut newest);
+    }
+    let (time, path) = newest?;
+    (time > built).then(|| {
+        format!(
+            "{} (modified {})",
+            path.strip_prefix(root).unwrap_or(&path).display(),
+            modified_utc(&path)
+        )
+    })
+}
+
+/// A file's modification time as `YYYY-MM-DD HH:MM UTC`.
+fn modified_utc(path: &Path) -> String {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| {
+            command_output(
+                "date",
+                &[
+                    "-u",
+                    "-d",
+                    &format!("@{}", d.as_secs()),
+                    "+%Y-%m-%d %H:%M UTC",
+                ],
+            )
+        })
+        .unwrap_or_else(|| "?".into())
 }
 
 /// `target/<profile>/shardlite` beside this example's own executable, built if missing.
@@ -1282,6 +1355,8 @@ struct PhaseRow {
 struct Report<'a> {
     args: &'a Args,
     bin: &'a Path,
+    /// A source file newer than the binary, if any.
+    stale: Option<&'a str>,
     root: &'a Path,
     nginx: &'a NginxStatus,
     results: &'a [PhaseRow],
@@ -1549,14 +1624,22 @@ impl Report<'_> {
         );
         let _ = writeln!(
             m,
-            "| shardlite | {} (`{}`), git {} |",
+            "| shardlite | {} (`{}`, built {}), tree at git {}{} |",
             command_output(&self.bin.display().to_string(), &["--version"])
                 .unwrap_or_else(|| "?".into()),
             self.bin
                 .strip_prefix(self.root)
                 .unwrap_or(self.bin)
                 .display(),
-            git_revision(self.root)
+            modified_utc(self.bin),
+            git_revision(self.root),
+            match self.stale {
+                Some(newer) => format!(
+                    "; **warning: the binary is older than {newer}, so it may not be the code \
+                     of this revision**"
+                ),
+                None => "; the binary is newer than every source file".into(),
+            }
         );
         let nginx_line = match self.nginx {
             NginxStatus::Running {
