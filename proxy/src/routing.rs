@@ -58,11 +58,15 @@ fn row_path(table: &str, key: &str) -> String {
 }
 
 /// The key of a row request, read by the rules of the table's key column.
-async fn key_of(state: &ProxyState, table: &str, key: &str) -> ProxyResult<ShardKey> {
-    let topology = state.cluster().topology();
+async fn key_of(
+    state: &ProxyState,
+    topology: &Topology,
+    table: &str,
+    key: &str,
+) -> ProxyResult<ShardKey> {
     let schema = state
         .schema()
-        .table(table, &topology, state.upstream())
+        .table(table, topology, state.upstream())
         .await?;
     ShardKey::from_text(key, schema.key_affinity)
         .map_err(|e| ProxyError::BadRequest(format!("invalid key for table \"{table}\": {e}")))
@@ -112,25 +116,45 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
     response
 }
 
+/// A keyed row write (PUT or DELETE), routed to the key's owner; fenced writes are retried.
+/// Returns the owner's id, the key's routing text and the owner's answer body.
+async fn write_row(
+    state: &ProxyState,
+    path: Result<Path<(String, String)>, PathRejection>,
+    method: Method,
+    body: Option<Bytes>,
+) -> ProxyResult<(String, String, String, Bytes)> {
+    let Path((table, key)) = path?;
+    let key = key_of(state, &state.cluster().topology(), &table, &key).await?;
+    let routing = key.routing_text().into_owned();
+    let (node, reply) = write_to_owner(
+        state,
+        &routing,
+        method.clone(),
+        &row_path(&table, &routing),
+        body,
+    )
+    .await?;
+    let answer = reply.ok(&node)?;
+    tracing::debug!(node = %node, table = %table, %method, "row write");
+    Ok((node, table, routing, answer))
+}
+
 async fn put_row(
     State(state): State<ProxyState>,
     path: Result<Path<(String, String)>, PathRejection>,
     RawBody(body): RawBody,
 ) -> ProxyResult<Response> {
-    let Path((table, key)) = path?;
-    let key = key_of(&state, &table, &key).await?;
-    let routing = key.routing_text();
-    let (node, reply) = write_to_owner(
-        &state,
-        &routing,
-        Method::PUT,
-        &row_path(&table, &routing),
-        Some(body),
-    )
-    .await?;
-    reply.ok(&node)?;
-    tracing::debug!(node = %node, table = %table, "put");
-    Ok(axum::Json(json!({ "table": table, "key": routing, "node": node })).into_response())
+    let (node, table, key, _) = write_row(&state, path, Method::PUT, Some(body)).await?;
+    Ok(axum::Json(json!({ "table": table, "key": key, "node": node })).into_response())
+}
+
+async fn delete_row(
+    State(state): State<ProxyState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ProxyResult<Response> {
+    let (_, _, _, answer) = write_row(&state, path, Method::DELETE, None).await?;
+    Ok(json_response(StatusCode::OK, answer))
 }
 
 async fn get_row(
@@ -138,9 +162,9 @@ async fn get_row(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ProxyResult<Response> {
     let Path((table, key)) = path?;
-    let key = key_of(&state, &table, &key).await?;
-    let routing = key.routing_text();
     let topology = state.cluster().topology();
+    let key = key_of(&state, &topology, &table, &key).await?;
+    let routing = key.routing_text();
     let node = topology.owner(&routing)?;
     state.check_up(node)?;
     let reply = state
@@ -155,25 +179,6 @@ async fn get_row(
         .await?;
     tracing::debug!(node = %node.id, table = %table, "get");
     Ok(json_response(StatusCode::OK, reply.ok(&node.id)?))
-}
-
-async fn delete_row(
-    State(state): State<ProxyState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-) -> ProxyResult<Response> {
-    let Path((table, key)) = path?;
-    let key = key_of(&state, &table, &key).await?;
-    let routing = key.routing_text();
-    let (node, reply) = write_to_owner(
-        &state,
-        &routing,
-        Method::DELETE,
-        &row_path(&table, &routing),
-        None,
-    )
-    .await?;
-    tracing::debug!(node = %node, table = %table, "delete");
-    Ok(json_response(StatusCode::OK, reply.ok(&node)?))
 }
 
 #[derive(Deserialize)]
