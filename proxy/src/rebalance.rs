@@ -966,14 +966,15 @@ async fn fenced_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
     Ok(false)
 }
 
-/// Before the switch, every moving range must hold as many rows on its target as on its source.
-/// Every node involved is asked once, all at the same time (this runs while writes are fenced).
-async fn check_counts(state: &ProxyState, job: &Job) -> ProxyResult<()> {
-    /// A (source, target) pair.
-    type Pair = (String, String);
-    // Per node: the ranges to count there, and for each range the pair it belongs to.
-    let mut asks: BTreeMap<String, (Vec<[u32; 2]>, Vec<Pair>)> = BTreeMap::new();
-    for source in &job.sources {
+/// A (source, target) pair of a job.
+type Pair = (String, String);
+/// Per node: the ranges to count there, and for each range the pair it belongs to.
+type CountAsks = BTreeMap<String, (Vec<[u32; 2]>, Vec<Pair>)>;
+
+/// What to count where: every moving range on its source and on its target.
+fn count_asks(sources: &[Source]) -> CountAsks {
+    let mut asks = CountAsks::new();
+    for source in sources {
         for range in &source.ranges {
             let pair = (source.id.clone(), range.to.clone());
             for node in [&source.id, &range.to] {
@@ -983,28 +984,16 @@ async fn check_counts(state: &ProxyState, job: &Job) -> ProxyResult<()> {
             }
         }
     }
-    let calls = asks.iter().map(|(node, (spans, _))| async move {
-        let counted = call(
-            state,
-            node,
-            job.url(node)?,
-            Method::POST,
-            "/v1/transfer/count",
-            Some(json!({ "ranges": spans })),
-        )
-        .await?;
-        let counts: Vec<u64> = counted["counts"]
-            .as_array()
-            .map(|c| c.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default();
-        Ok::<_, ProxyError>(counts)
-    });
-    let answers = futures::future::join_all(calls).await;
+    asks
+}
+
+/// Adds the nodes' per-range counts up per pair and names the first pair whose two sides differ.
+fn compare_counts(asks: &CountAsks, answers: Vec<Vec<u64>>) -> ProxyResult<()> {
     // (source, target) → (rows on the source, rows on the target).
-    let mut pairs: BTreeMap<Pair, (u64, u64)> = BTreeMap::new();
+    let mut pairs: BTreeMap<&Pair, (u64, u64)> = BTreeMap::new();
     for ((node, (_, owners)), counts) in asks.iter().zip(answers) {
-        for (pair, n) in owners.iter().zip(counts?) {
-            let entry = pairs.entry(pair.clone()).or_default();
+        for (pair, n) in owners.iter().zip(counts) {
+            let entry = pairs.entry(pair).or_default();
             if *node == pair.0 {
                 entry.0 += n;
             } else {
@@ -1021,6 +1010,33 @@ async fn check_counts(state: &ProxyState, job: &Job) -> ProxyResult<()> {
         }
     }
     Ok(())
+}
+
+/// Before the switch, every moving range must hold as many rows on its target as on its source.
+/// Every node involved is asked once, all at the same time (this runs while writes are fenced).
+async fn check_counts(state: &ProxyState, job: &Job) -> ProxyResult<()> {
+    let asks = count_asks(&job.sources);
+    let calls = asks.iter().map(|(node, (spans, _))| async move {
+        let counted = call(
+            state,
+            node,
+            job.url(node)?,
+            Method::POST,
+            "/v1/transfer/count",
+            Some(json!({ "ranges": spans })),
+        )
+        .await?;
+        let counts: Vec<u64> = counted["counts"]
+            .as_array()
+            .map(|c| c.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        Ok::<_, ProxyError>(counts)
+    });
+    let answers = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .collect::<ProxyResult<Vec<_>>>()?;
+    compare_counts(&asks, answers)
 }
 
 /// The commit point: one transaction on the state file.
@@ -1183,6 +1199,30 @@ mod tests {
             );
             assert!(target.is_none_or(|t| t == "a"));
         }
+    }
+
+    #[test]
+    fn counts_are_compared_per_source_and_target_even_when_a_node_is_both() {
+        // a gives to b; b gives to c: b is a target of one pair and the source of another.
+        let mut a = source(&[(0, 9, "b"), (20, 29, "c")]);
+        a.id = "a".into();
+        let mut b = source(&[(40, 49, "c")]);
+        b.id = "b".into();
+        let sources = [a, b];
+        let asks = count_asks(&sources);
+        assert_eq!(asks["a"].0, vec![[0, 9], [20, 29]]);
+        assert_eq!(asks["b"].0, vec![[0, 9], [40, 49]]);
+        assert_eq!(asks["c"].0, vec![[20, 29], [40, 49]]);
+        // Per node, per range (in the order asked): equal on both sides of every pair.
+        let equal = vec![vec![5, 7], vec![5, 3], vec![7, 3]];
+        assert!(compare_counts(&asks, equal).is_ok());
+        // c is missing one row that b gives it: the b → c pair must be named.
+        let short = vec![vec![5, 7], vec![5, 3], vec![7, 2]];
+        let error = compare_counts(&asks, short).unwrap_err().to_string();
+        assert!(
+            error.contains("b holds 3") && error.contains("c holds 2"),
+            "{error}"
+        );
     }
 
     #[test]
