@@ -82,6 +82,44 @@ impl ProxyError {
         }
     }
 
+    /// A copy for each request of a shared node exchange that failed as a whole. Every error
+    /// such an exchange can end in is copied as it is; the state-file error, which it cannot
+    /// end in, becomes a 500 with the same text.
+    pub fn for_each_caller(&self) -> ProxyError {
+        match self {
+            ProxyError::BadRequest(m) => ProxyError::BadRequest(m.clone()),
+            ProxyError::UnknownTable(m) => ProxyError::UnknownTable(m.clone()),
+            ProxyError::Unauthorized(m) => ProxyError::Unauthorized(m.clone()),
+            ProxyError::NotFound(m) => ProxyError::NotFound(m.clone()),
+            ProxyError::MethodNotAllowed(m) => ProxyError::MethodNotAllowed(m.clone()),
+            ProxyError::Conflict(m) => ProxyError::Conflict(m.clone()),
+            ProxyError::PayloadTooLarge { limit } => ProxyError::PayloadTooLarge { limit: *limit },
+            ProxyError::ShardUnavailable { node, reason } => ProxyError::ShardUnavailable {
+                node: node.clone(),
+                reason: reason.clone(),
+            },
+            ProxyError::ShardTimeout { node, after } => ProxyError::ShardTimeout {
+                node: node.clone(),
+                after: *after,
+            },
+            ProxyError::Node { node, status, body } => ProxyError::Node {
+                node: node.clone(),
+                status: *status,
+                body: body.clone(),
+            },
+            ProxyError::BadNodeAnswer { node, reason } => ProxyError::BadNodeAnswer {
+                node: node.clone(),
+                reason: reason.clone(),
+            },
+            ProxyError::Overloaded(m) => ProxyError::Overloaded(m.clone()),
+            ProxyError::NoNodes => ProxyError::NoNodes,
+            ProxyError::State(e) => ProxyError::State(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+                Some(e.to_string()),
+            )),
+        }
+    }
+
     /// The message a client sees; a node's own error message is unwrapped from its body.
     pub fn message(&self) -> String {
         match self {

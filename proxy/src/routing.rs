@@ -23,6 +23,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use shardlite_node::key::ShardKey;
+use shardlite_node::ops::OpMethod;
 use shardlite_node::schema::TableSchema;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -93,10 +94,21 @@ async fn write_to_owner(
         let topology = state.cluster().topology();
         let node = topology.owner(routing)?;
         state.check_up(node)?;
-        let reply = state
-            .upstream()
-            .call(&node.id, method.clone(), &node.url, path, body.clone())
-            .await?;
+        // Row writes may share an exchange with the node's other row requests; SQL goes alone.
+        let reply = match OpMethod::from_http(&method) {
+            Some(op) => {
+                state
+                    .upstream()
+                    .call_row(&node.id, op, &node.url, path, body.clone())
+                    .await?
+            }
+            None => {
+                state
+                    .upstream()
+                    .call(&node.id, method.clone(), &node.url, path, body.clone())
+                    .await?
+            }
+        };
         if reply.fenced && Instant::now() < deadline {
             drop(topology);
             tokio::time::sleep(pause).await;
@@ -169,9 +181,9 @@ async fn get_row(
     state.check_up(node)?;
     let reply = state
         .upstream()
-        .call(
+        .call_row(
             &node.id,
-            Method::GET,
+            OpMethod::Get,
             &node.url,
             &row_path(&table, &routing),
             None,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use rusqlite::ErrorCode;
@@ -27,6 +27,9 @@ pub enum NodeError {
     /// The body is not the JSON the endpoint expects (or is too large).
     #[error("{}", .0.body_text())]
     InvalidJson(JsonRejection),
+    /// The body could not be read (or is too large).
+    #[error("{}", .0.body_text())]
+    InvalidBody(BytesRejection),
     /// A path parameter could not be read.
     #[error("{}", .0.body_text())]
     InvalidPath(PathRejection),
@@ -131,6 +134,10 @@ impl NodeError {
     pub fn status(&self) -> StatusCode {
         match self {
             NodeError::InvalidJson(rejection) => match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            },
+            NodeError::InvalidBody(rejection) => match rejection.status() {
                 StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
                 _ => StatusCode::BAD_REQUEST,
             },

@@ -35,6 +35,16 @@ use crate::stats::{self, StatsResponse};
 pub fn router(state: NodeState) -> Router {
     let max_body = state.config().max_body_bytes;
     let secret = state.config().cluster_secret.clone();
+    // The row endpoints alone, for the operations of a `POST /v1/ops`.
+    let row_ops = Router::new()
+        .route(
+            "/v1/tables/{table}/rows/{key}",
+            put(put_row).get(get_row).delete(delete_row),
+        )
+        .fallback(unknown_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state.clone());
     let api = Router::new()
         .route("/v1/schema", get(schema))
         .route(
@@ -42,6 +52,12 @@ pub fn router(state: NodeState) -> Router {
             put(put_row).get(get_row).delete(delete_row),
         )
         .route("/v1/tables/{table}/rows", post(upsert_rows))
+        .route(
+            crate::ops::OPS_PATH,
+            post(move |State(state): State<NodeState>, body| {
+                ops::run(state, row_ops.clone(), body)
+            }),
+        )
         .route("/v1/sql", post(run_sql))
         .route("/v1/stats", get(stats))
         .route("/v1/keys", post(keys))
@@ -165,12 +181,22 @@ async fn put_row(
     }))
 }
 
+/// The table and the key a row path names.
+fn row_key(
+    state: &NodeState,
+    table: &str,
+    key: &str,
+) -> Result<(crate::schema::TableSchema, ShardKey), NodeError> {
+    let table = state.table(table)?;
+    let key = ShardKey::from_text(key, table.key_affinity)?;
+    Ok((table, key))
+}
+
 async fn get_row(
     State(state): State<NodeState>,
     PathParams((table, key)): PathParams<(String, String)>,
 ) -> Result<Json<Map<String, Value>>, NodeError> {
-    let table = state.table(&table)?;
-    let key = ShardKey::from_text(&key, table.key_affinity)?;
+    let (table, key) = row_key(&state, &table, &key)?;
     // A reader is enough: in WAL, a read begun after a commit returned sees that commit.
     let row = state
         .read(move |_, conn| rows::get(conn, &table, &key))
@@ -253,6 +279,7 @@ async fn stats(State(state): State<NodeState>) -> Result<Json<StatsResponse>, No
     stats.capturing = state.capturing();
     stats.fences = state.fences().list.len();
     (stats.writes, stats.commits) = state.write_counts();
+    (stats.op_sets, stats.ops) = state.op_counts();
     Ok(Json(stats))
 }
 
@@ -317,6 +344,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> NodeError {
     }
 }
 
+mod ops;
 mod transfer;
 
 #[cfg(test)]

@@ -91,6 +91,7 @@ mod guard;
 mod http;
 pub mod key;
 pub mod migrate;
+pub mod ops;
 pub mod rows;
 pub mod schema;
 pub mod sql;

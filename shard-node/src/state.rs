@@ -1,6 +1,7 @@
 //! `NodeState`: the readers, the writer thread, the configuration, the cached schema and the
 //! rebalance state (fences, whether changes are captured), shared by every handler.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use rusqlite::Connection;
@@ -32,6 +33,9 @@ struct Inner {
     shared: Arc<Shared>,
     /// The writer thread's queue. Dropping it lets the thread finish what is queued.
     writer: Writer,
+    /// `POST /v1/ops` exchanges served, and the operations they carried.
+    op_sets: AtomicU64,
+    ops: AtomicU64,
 }
 
 impl NodeState {
@@ -63,6 +67,8 @@ impl NodeState {
                 schema: RwLock::new(Arc::new(schema)),
                 shared,
                 writer,
+                op_sets: AtomicU64::new(0),
+                ops: AtomicU64::new(0),
             }),
         })
     }
@@ -123,6 +129,20 @@ impl NodeState {
     /// commit that installed or removed it.
     pub(crate) fn set_capturing(&self, on: bool) {
         self.inner.shared.set_capturing(on);
+    }
+
+    /// Counts one `POST /v1/ops` exchange of `ops` operations.
+    pub(crate) fn count_op_set(&self, ops: usize) {
+        self.inner.op_sets.fetch_add(1, Ordering::Relaxed);
+        self.inner.ops.fetch_add(ops as u64, Ordering::Relaxed);
+    }
+
+    /// (`POST /v1/ops` exchanges, operations in them) since the node opened.
+    pub(crate) fn op_counts(&self) -> (u64, u64) {
+        (
+            self.inner.op_sets.load(Ordering::Relaxed),
+            self.inner.ops.load(Ordering::Relaxed),
+        )
     }
 
     /// (client writes answered, transactions that committed them) since the node opened.

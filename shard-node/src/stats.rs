@@ -30,6 +30,12 @@ pub struct StatsResponse {
     /// sync of the WAL each. `writes / commits` is the mean group size.
     #[serde(default)]
     pub commits: u64,
+    /// `POST /v1/ops` exchanges served (row requests the proxy sent together) since the node
+    /// started, and the operations they carried: `ops / op_sets` is the mean set size.
+    #[serde(default)]
+    pub op_sets: u64,
+    #[serde(default)]
+    pub ops: u64,
 }
 
 pub(crate) fn collect(conn: &Connection, schema: &Schema) -> rusqlite::Result<StatsResponse> {
@@ -50,5 +56,7 @@ pub(crate) fn collect(conn: &Connection, schema: &Schema) -> rusqlite::Result<St
         fences: 0,
         writes: 0,
         commits: 0,
+        op_sets: 0,
+        ops: 0,
     })
 }

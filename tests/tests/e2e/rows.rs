@@ -311,3 +311,71 @@ async fn a_batch_that_fails_on_one_shard_names_the_keys_not_written() {
     }
     cluster.stop().await;
 }
+
+/// Under load the proxy sends a node's waiting row requests together (`POST /v1/ops`). Every
+/// request must still get its own answer: its own row, its own 404, its own write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_row_requests_share_exchanges_and_each_gets_its_own_answer() {
+    let cluster = TestCluster::start(3).await;
+    let client = &cluster.client;
+    let n = 600;
+    let puts = (0..n).map(|i| async move {
+        let (status, body) = client
+            .put(
+                &Client::row_path("users", &format!("c{i}")),
+                json!({ "name": format!("name {i}"), "age": i }),
+            )
+            .await;
+        assert_eq!(status, 200, "PUT c{i}: {body}");
+    });
+    futures::future::join_all(puts).await;
+    // Reads of present and absent rows, deletes, and writes that fail, all at once.
+    let mixed = (0..n).map(|i| async move {
+        let path = Client::row_path("users", &format!("c{i}"));
+        match i % 4 {
+            0 | 1 => {
+                let (status, row) = client.get(&path).await;
+                assert_eq!(status, 200, "GET c{i}: {row}");
+                assert_eq!(row["name"], format!("name {i}"));
+                assert_eq!(row["age"], i);
+            }
+            2 => {
+                let (status, body) = client.delete(&path).await;
+                assert_eq!(status, 200, "DELETE c{i}: {body}");
+                assert_eq!(body["deleted"], 1, "DELETE c{i}: {body}");
+            }
+            _ => {
+                let (status, body) = client.put(&path, json!({ "colour": "red" })).await;
+                assert_eq!(status, 400, "PUT c{i} with an unknown column: {body}");
+                let missing = Client::row_path("users", &format!("absent{i}"));
+                let (status, body) = client.get(&missing).await;
+                assert_eq!(status, 404, "GET absent{i}: {body}");
+            }
+        }
+    });
+    futures::future::join_all(mixed).await;
+    for i in 0..n {
+        let (status, row) = client
+            .get(&Client::row_path("users", &format!("c{i}")))
+            .await;
+        if i % 4 == 2 {
+            assert_eq!(status, 404, "c{i} was deleted: {row}");
+        } else {
+            assert_eq!(status, 200, "c{i}: {row}");
+            assert_eq!(row["name"], format!("name {i}"), "c{i} kept its row");
+        }
+    }
+    // And they did go together: the nodes served sets of operations.
+    let mut sets = 0;
+    let mut ops = 0;
+    for node in &cluster.nodes {
+        let (_, stats) = Client::new(&node.url).get("/v1/stats").await;
+        sets += stats["op_sets"].as_u64().unwrap();
+        ops += stats["ops"].as_u64().unwrap();
+    }
+    assert!(
+        sets > 0 && ops > 2 * sets,
+        "{sets} sets of {ops} operations"
+    );
+    cluster.stop().await;
+}
