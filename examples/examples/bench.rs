@@ -81,9 +81,35 @@ struct Args {
     /// Skip nginx (its rows read "skipped").
     #[arg(long)]
     no_nginx: bool,
+    /// The nodes' `synchronous` setting, and the plain SQLite baseline's, so the batch
+    /// comparison is like for like. `full` is the nodes' default.
+    #[arg(long, value_enum, default_value_t = Synchronous::Full)]
+    synchronous: Synchronous,
     /// Where the Markdown report goes; a relative path is taken from the workspace root.
     #[arg(long, default_value = "docs/bench.md")]
     out: PathBuf,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Synchronous {
+    Full,
+    Normal,
+}
+
+impl Synchronous {
+    fn name(self) -> &'static str {
+        match self {
+            Synchronous::Full => "full",
+            Synchronous::Normal => "normal",
+        }
+    }
+
+    fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        }
+    }
 }
 
 #[tokio::main]
@@ -165,6 +191,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "127.0.0.1:0".into(),
                 "--db".into(),
                 db.display().to_string(),
+                "--synchronous".into(),
+                args.synchronous.name().into(),
             ],
             dir.path(),
         )?;
@@ -332,9 +360,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::io::Write::flush(&mut std::io::stdout())?;
         let path = dir.path().join(format!("plain{round}.db"));
         let rows = args.rows;
+        let synchronous = args.synchronous;
         let (cpu_before, started) = (CpuSample::take(&children), Instant::now());
-        let mut p = tokio::task::spawn_blocking(move || plain_sqlite_insert(&path, rows, &prefix))
-            .await??;
+        let mut p = tokio::task::spawn_blocking(move || {
+            plain_sqlite_insert(&path, rows, &prefix, synchronous)
+        })
+        .await??;
         p.cpu = Some(CpuSample::take(&children).minus(cpu_before));
         p.cpu_window = started.elapsed().as_secs_f64();
         println!("{:.0} rows/s ({:.2} s)", p.rate(), p.secs);
@@ -1311,12 +1342,17 @@ async fn batch_through_proxy(
     })
 }
 
-/// The same rows into one fresh SQLite file: WAL, synchronous=NORMAL, one transaction per 1000
-/// rows, a prepared INSERT.
-fn plain_sqlite_insert(path: &Path, rows: usize, prefix: &str) -> anyhow::Result<BatchResult> {
+/// The same rows into one fresh SQLite file: WAL, the nodes' `synchronous`, one transaction per
+/// 1000 rows, a prepared INSERT.
+fn plain_sqlite_insert(
+    path: &Path,
+    rows: usize,
+    prefix: &str,
+    synchronous: Synchronous,
+) -> anyhow::Result<BatchResult> {
     let mut conn = rusqlite::Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "synchronous", synchronous.pragma())?;
     conn.execute("CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT)", [])?;
     let data: Vec<(String, String)> = (0..rows)
         .map(|i| (format!("{prefix}{i}"), value(i)))
@@ -1437,7 +1473,8 @@ impl Report<'_> {
         );
         let _ = writeln!(
             t,
-            "| plain SQLite (rusqlite, WAL, synchronous=NORMAL, 1 transaction per {BATCH} rows) | {} | {:.0} |",
+            "| plain SQLite (rusqlite, WAL, synchronous={}, 1 transaction per {BATCH} rows) | {} | {:.0} |",
+            self.args.synchronous.pragma(),
             rounds(self.plain),
             median(self.plain).rate()
         );
@@ -1672,9 +1709,11 @@ impl Report<'_> {
         let _ = writeln!(
             m,
             "- {} nodes and 1 proxy, each a separate `shardlite` process (`RUST_LOG=info`), on \
-             127.0.0.1; every node holds the same {} rows `k0..k{}` of `kv (id TEXT PRIMARY KEY, \
-             v TEXT)` with {}-byte values, so that any router finds every key.",
+             127.0.0.1; the nodes run with `--synchronous {}`; every node holds the same {} rows \
+             `k0..k{}` of `kv (id TEXT PRIMARY KEY, v TEXT)` with {}-byte values, so that any \
+             router finds every key.",
             a.nodes,
+            a.synchronous.name(),
             a.rows,
             a.rows - 1,
             VALUE_BYTES
@@ -1702,9 +1741,16 @@ impl Report<'_> {
              /v1/tables/kv/rows` batches of {} rows, {} in flight, through the proxy (into node \
              files that already hold the {} `k` rows and the earlier rounds' rows); then the \
              same rows into a fresh SQLite file with rusqlite in the bench process: WAL, \
-             `synchronous=NORMAL`, one transaction per {} rows, a prepared `INSERT`. JSON \
-             bodies and rows are built before the clock starts. The ratio is of the medians.\n",
-            a.batch_rounds, a.rows, BATCH, a.batch_concurrency, a.rows, BATCH
+             `synchronous={}` (the nodes run with the same setting), one transaction per {} \
+             rows, a prepared `INSERT`. JSON bodies and rows are built before the clock starts. \
+             The ratio is of the medians.\n",
+            a.batch_rounds,
+            a.rows,
+            BATCH,
+            a.batch_concurrency,
+            a.rows,
+            a.synchronous.pragma(),
+            BATCH
         );
 
         let _ = writeln!(m, "## Results\n");

@@ -7,6 +7,7 @@ use crate::server::ProxyState;
 use axum::extract::{FromRequest, Request};
 use bytes::Bytes;
 use http::StatusCode;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 /// A JSON body of type `T`.
@@ -43,7 +44,7 @@ impl<T: DeserializeOwned> FromRequest<ProxyState> for JsonBody<T> {
 }
 
 /// Parses a JSON body into `T`, with serde's message (line, column, what was expected).
-pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProxyError> {
+pub fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProxyError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ProxyError::BadRequest(format!("invalid JSON body: {e}")))
 }

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http::Method;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use shardlite_node::key::ShardKey;
 use shardlite_node::ops::OpMethod;
@@ -193,17 +194,23 @@ async fn get_row(
     Ok(json_response(StatusCode::OK, reply.ok(&node.id)?))
 }
 
+/// A batch as the client sent it: each row stays its own JSON text, forwarded untouched.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BatchRequest {
-    rows: Vec<Value>,
+struct BatchRequest<'a> {
+    #[serde(borrow)]
+    rows: Vec<&'a RawValue>,
 }
 
-/// Checks one batch row against the table's schema and returns its key.
-fn batch_row_key(schema: &TableSchema, index: usize, row: &Value) -> ProxyResult<ShardKey> {
-    let object = row
-        .as_object()
-        .ok_or_else(|| ProxyError::BadRequest(format!("rows[{index}] is not a JSON object")))?;
+/// Checks one batch row against the table's schema and returns its key. Only the row's top
+/// level is read here (column names, and the key's value); the node checks the values.
+fn batch_row_key(schema: &TableSchema, index: usize, row: &RawValue) -> ProxyResult<ShardKey> {
+    let not_object = || ProxyError::BadRequest(format!("rows[{index}] is not a JSON object"));
+    if !row.get().starts_with('{') {
+        return Err(not_object());
+    }
+    let object: BTreeMap<String, &RawValue> =
+        serde_json::from_str(row.get()).map_err(|_| not_object())?;
     if let Some(unknown) = object
         .keys()
         .find(|column| !schema.columns.iter().any(|c| c == *column))
@@ -219,16 +226,33 @@ fn batch_row_key(schema: &TableSchema, index: usize, row: &Value) -> ProxyResult
             schema.key
         ))
     })?;
-    ShardKey::from_json(key, schema.key_affinity)
+    let key: Value = serde_json::from_str(key.get()).expect("a raw JSON value parses");
+    ShardKey::from_json(&key, schema.key_affinity)
         .map_err(|e| ProxyError::BadRequest(format!("rows[{index}]: invalid key: {e}")))
+}
+
+/// `{"rows":[...]}` of raw rows.
+fn batch_body(rows: &[&RawValue]) -> Bytes {
+    let size = rows.iter().map(|r| r.get().len() + 1).sum::<usize>() + 11;
+    let mut body = Vec::with_capacity(size);
+    body.extend_from_slice(b"{\"rows\":[");
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(row.get().as_bytes());
+    }
+    body.extend_from_slice(b"]}");
+    Bytes::from(body)
 }
 
 async fn upsert_rows(
     State(state): State<ProxyState>,
     path: Result<Path<String>, PathRejection>,
-    JsonBody(batch): JsonBody<BatchRequest>,
+    RawBody(body): RawBody,
 ) -> ProxyResult<Response> {
     let Path(table) = path?;
+    let batch: BatchRequest = crate::body::parse(&body)?;
     let topology = state.cluster().topology();
     let schema = state
         .schema()
@@ -243,8 +267,8 @@ async fn upsert_rows(
         )));
     }
     // Validate every row before anything is sent: one bad row refuses the whole batch.
-    let mut pending: Vec<(&Value, String)> = Vec::with_capacity(batch.rows.len());
-    for (index, row) in batch.rows.iter().enumerate() {
+    let mut pending: Vec<(&RawValue, String)> = Vec::with_capacity(batch.rows.len());
+    for (index, row) in batch.rows.iter().copied().enumerate() {
         let key = batch_row_key(&schema, index, row)?;
         pending.push((row, key.routing_text().into_owned()));
     }
@@ -257,7 +281,7 @@ async fn upsert_rows(
     // Rounds: a group whose range is fenced (being handed over) is routed again next round.
     while !pending.is_empty() {
         let topology = state.cluster().topology();
-        let mut groups: BTreeMap<&str, (&NodeInfo, Vec<&Value>, Vec<String>)> = BTreeMap::new();
+        let mut groups: BTreeMap<&str, (&NodeInfo, Vec<&RawValue>, Vec<String>)> = BTreeMap::new();
         for (row, routing) in pending.drain(..) {
             let node = topology.owner(&routing)?;
             let group = groups
@@ -267,9 +291,7 @@ async fn upsert_rows(
             group.2.push(routing);
         }
         let calls = groups.into_values().map(|(node, rows, keys)| {
-            let body = Bytes::from(
-                serde_json::to_vec(&json!({ "rows": rows })).expect("JSON values always serialize"),
-            );
+            let body = batch_body(&rows);
             let path = &path;
             let state = &state;
             async move {

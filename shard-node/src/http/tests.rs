@@ -767,7 +767,45 @@ async fn bad_requests_get_json_errors() {
         .call_raw("POST", "/v1/sql", Some("{\"sql\": 5}".into()))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // The message names where in the body the wrong value is.
+    assert!(error_of(&body).contains("sql: invalid type"), "{body}");
+    let (status, body) = node
+        .call_raw(
+            "POST",
+            "/v1/tables/users/rows",
+            Some(r#"{"rows": [{"id": "a"}, 7]}"#.into()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     error_of(&body);
+    // A JSON body not labelled as JSON is refused, also by the fast path.
+    for content_type in [None, Some("text/plain"), Some("application/jsonx")] {
+        let mut request = Request::post("/v1/tables/users/rows");
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = router(node.state.clone())
+            .oneshot(request.body(Body::from(r#"{"rows": []}"#)).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "{content_type:?}"
+        );
+    }
+    for content_type in ["application/json; charset=utf-8", "application/vnd.x+json"] {
+        let response = router(node.state.clone())
+            .oneshot(
+                Request::post("/v1/tables/users/rows")
+                    .header("content-type", content_type)
+                    .body(Body::from(r#"{"rows": []}"#))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{content_type}");
+    }
     let (status, body) = node.call("GET", "/v1/nothing", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     error_of(&body);

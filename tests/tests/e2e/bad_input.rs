@@ -103,6 +103,13 @@ async fn every_bad_input_gets_a_4xx_and_changes_nothing() {
             Some(Bytes::from(body.to_owned())),
         )
     };
+    let batch = |body: &str| -> Request {
+        (
+            Method::POST,
+            "/v1/tables/users/rows".into(),
+            Some(Bytes::from(body.to_owned())),
+        )
+    };
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(17 * 1024 * 1024));
     let many_rows = json!({ "rows": (0..10_001).map(|i| json!({ "id": format!("many{i}") })).collect::<Vec<_>>() }).to_string();
@@ -296,6 +303,31 @@ async fn every_bad_input_gets_a_4xx_and_changes_nothing() {
             "a wrong method",
             (Method::PATCH, "/v1/tables/users/rows/u1".into(), None),
             405,
+        ),
+        (
+            "a batch row that is not an object",
+            batch(r#"{"rows": [{"id": "b1"}, 5]}"#),
+            400,
+        ),
+        (
+            "a batch row with an unknown column",
+            batch(r#"{"rows": [{"id": "b1"}, {"id": "b2", "nope": 1}]}"#),
+            400,
+        ),
+        (
+            "a batch row without its key",
+            batch(r#"{"rows": [{"id": "b1"}, {"name": "b2"}]}"#),
+            400,
+        ),
+        (
+            "a batch with an unknown field",
+            batch(r#"{"rows": [{"id": "b1"}], "extra": 1}"#),
+            400,
+        ),
+        (
+            "deeply nested JSON in a batch row",
+            batch(&format!(r#"{{"rows": [{{"id": "b1", "name": {deep}}}]}}"#)),
+            400,
         ),
         (
             "a batch over the row limit",
