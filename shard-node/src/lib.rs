@@ -83,6 +83,7 @@
 //! - [`error`]: `NodeError`, and the one place errors become HTTP answers.
 //! - `http`: handlers and the router.
 
+mod checkpoint;
 pub mod config;
 mod db;
 pub mod error;

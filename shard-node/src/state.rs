@@ -6,6 +6,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use rusqlite::Connection;
 
+use crate::checkpoint::Checkpointer;
 use crate::config::NodeConfig;
 use crate::db::{self, Db};
 use crate::error::NodeError;
@@ -31,6 +32,9 @@ struct Inner {
     schema: RwLock<Arc<Schema>>,
     /// Fences, capture and the write counters, which the writer thread sees too.
     shared: Arc<Shared>,
+    /// Checkpoints the WAL off the writer thread. Declared before `writer`: it is stopped, and
+    /// its connection closed, before the writer's.
+    _checkpointer: Checkpointer,
     /// The writer thread's queue. Dropping it lets the thread finish what is queued.
     writer: Writer,
     /// `POST /v1/ops` exchanges served, and the operations they carried.
@@ -59,6 +63,7 @@ impl NodeState {
             "node database open"
         );
         let shared = Arc::new(Shared::new(fences, capturing));
+        let checkpointer = Checkpointer::start(db.opener(), &writer)?;
         let writer = Writer::start(writer, db.opener().clone(), Arc::clone(&shared))?;
         Ok(NodeState {
             inner: Arc::new(Inner {
@@ -66,6 +71,7 @@ impl NodeState {
                 db,
                 schema: RwLock::new(Arc::new(schema)),
                 shared,
+                _checkpointer: checkpointer,
                 writer,
                 op_sets: AtomicU64::new(0),
                 ops: AtomicU64::new(0),

@@ -1,0 +1,134 @@
+//! WAL checkpoints on a thread of their own, so that no client write waits for one.
+//!
+//! By default SQLite checkpoints inside the commit that takes the WAL past 1000 pages: that
+//! commit, and with group commit every write queued behind it, waits while the pages are
+//! copied into the database file and synced. Here the writer's automatic checkpoint is off
+//! and this thread runs a PASSIVE checkpoint every [`INTERVAL`] on its own connection.
+//! PASSIVE takes no lock that writers or readers wait for: it copies what it can, and the
+//! writer starts the WAL over from the beginning once everything in it has been copied and no
+//! reader still uses it. So the WAL stays small, and durability is unchanged (the WAL is synced
+//! at commit as the `synchronous` setting says; a checkpoint syncs the database file).
+//!
+//! The thread holds its connection only while it runs: it is stopped and joined before the
+//! writer closes, so the writer's connection is still the last to close and removes the WAL.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use crate::db::Opener;
+use crate::error::NodeError;
+
+/// How often the thread checkpoints.
+pub(crate) const INTERVAL: Duration = Duration::from_millis(50);
+
+/// The running checkpoint thread; dropping it stops and joins the thread.
+pub(crate) struct Checkpointer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Turns off the automatic checkpoint on `writer` and starts the thread.
+    pub(crate) fn start(opener: &Opener, writer: &Connection) -> Result<Checkpointer, NodeError> {
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let conn = opener.open().map_err(|source| NodeError::Open {
+            path: opener.path().to_owned(),
+            source,
+        })?;
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let signal = Arc::clone(&stop);
+        let thread = thread::Builder::new()
+            .name("shardlite-ckpt".into())
+            .spawn(move || run(conn, &signal))
+            .map_err(NodeError::WriterThread)?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn run(conn: Connection, stop: &(Mutex<bool>, Condvar)) {
+    let (lock, wake) = stop;
+    let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        stopped = wake
+            .wait_timeout(stopped, INTERVAL)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        if *stopped {
+            return;
+        }
+        // (busy, frames in the WAL, frames copied); busy is 0 for PASSIVE.
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        }) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the checkpoint thread panicked");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::NodeConfig;
+    use crate::state::NodeState;
+    use std::time::{Duration, Instant};
+
+    fn pragma(conn: &rusqlite::Connection, name: &str) -> i64 {
+        conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn writes_reach_the_database_file_without_the_writer_checkpointing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let state = NodeState::open(NodeConfig::new(&path)).unwrap();
+        let autocheckpoint = state.with_writer_for_test(|conn| pragma(conn, "wal_autocheckpoint"));
+        assert_eq!(
+            autocheckpoint, 0,
+            "the writer must not checkpoint in a commit"
+        );
+        let before = std::fs::metadata(&path).unwrap().len();
+        // About 100 pages, far below SQLite's own 1000-page threshold.
+        state.with_writer_for_test(|conn| {
+            conn.execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 4000)
+                 INSERT INTO t SELECT i, printf('%0100d', i) FROM n;",
+            )
+            .unwrap();
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let grown = loop {
+            let now = std::fs::metadata(&path).unwrap().len();
+            if now >= before + 100 * 4096 || Instant::now() > deadline {
+                break now;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            grown >= before + 100 * 4096,
+            "the database file stayed at {grown} bytes (from {before}): nothing was checkpointed"
+        );
+        // Closing still checkpoints everything and removes the WAL.
+        drop(state);
+        assert!(!dir.path().join("node.db-wal").exists());
+    }
+}
