@@ -506,13 +506,13 @@ fn key_index(table: &TableSchema) -> usize {
 }
 
 /// Reads up to `limit` keys after `after` in key order and returns the rows of those whose
-/// key hash is in `ranges`, all in one read snapshot.
+/// key hash is in `ranges`, in key order, all in one read snapshot.
 ///
-/// Keys are read alone first (a walk of the key's index, or of the table when the key is the
-/// rowid), and whole rows only for the keys that match: in a rowid table with a TEXT key, a
-/// key-ordered walk that read whole rows would seek the table once per key, moving or not,
-/// and most keys do not move. The rows still come out in key order, which keeps the target's
-/// inserts local.
+/// Keys are read alone first (a walk of the key's index, which also holds the rowid), and
+/// whole rows only for the keys that match, in rowid order: in a rowid table with a TEXT key,
+/// a key-ordered walk of whole rows would seek the table at random once per key, moving or
+/// not, while in rowid order the moving rows of one table page are read one after another.
+/// The rows still go out in key order, which keeps the target's inserts local.
 pub(crate) fn scan(
     conn: &Connection,
     table: &TableSchema,
@@ -520,21 +520,23 @@ pub(crate) fn scan(
     limit: usize,
     ranges: &Ranges,
 ) -> Result<ScanResponse, NodeError> {
-    let (t, k) = (quote(&table.name), quote(&table.key));
-    let keys_sql = match after {
-        Some(_) => format!("SELECT {k} FROM {t} WHERE {k} > ?1 ORDER BY {k} LIMIT ?2"),
-        None => format!("SELECT {k} FROM {t} ORDER BY {k} LIMIT ?2"),
-    };
-    let row_sql = format!("{} WHERE {k} = ?1", select_columns(table));
     conn.execute_batch("BEGIN")?;
     let read = (|| -> Result<ScanResponse, NodeError> {
+        let (t, k) = (quote(&table.name), quote(&table.key));
+        // Without a rowid, rows are read back by key.
+        let id = rowid_alias(conn, &table.name)?.map_or_else(|| k.clone(), str::to_owned);
+        let keys_sql = match after {
+            Some(_) => format!("SELECT {k}, {id} FROM {t} WHERE {k} > ?1 ORDER BY {k} LIMIT ?2"),
+            None => format!("SELECT {k}, {id} FROM {t} ORDER BY {k} LIMIT ?2"),
+        };
         let mut stmt = conn.prepare_cached(&keys_sql)?;
         if let Some(after) = after {
             stmt.raw_bind_parameter(1, after)?;
         }
         // One more than asked tells whether another page follows.
         stmt.raw_bind_parameter(2, i64::try_from(limit + 1).unwrap_or(i64::MAX))?;
-        let mut matched = Vec::new();
+        // (rowid or key, position in key order) of each matching row.
+        let mut matched: Vec<(SqlValue, usize)> = Vec::new();
         let mut scanned = 0;
         let mut last = None;
         let mut more = false;
@@ -547,20 +549,27 @@ pub(crate) fn scan(
             scanned += 1;
             let key: SqlValue = row.get(0)?;
             if ranges.contains_key((&key).into()) {
-                matched.push(key.clone());
+                matched.push((row.get(1)?, matched.len()));
             }
             last = Some(key);
         }
         drop(cursor);
-        let mut rows = Vec::with_capacity(matched.len());
-        let mut by_key = conn.prepare_cached(&row_sql)?;
-        for key in &matched {
-            if let Some(row) = by_key.query([key])?.next()? {
-                rows.push(row_object(table, row)?);
+        if matches!(matched.first(), Some((SqlValue::Integer(_), _))) {
+            matched.sort_unstable_by_key(|(id, _)| match id {
+                SqlValue::Integer(n) => *n,
+                _ => i64::MAX,
+            });
+        }
+        let mut found: Vec<Option<Map<String, Value>>> = vec![None; matched.len()];
+        let mut by_id =
+            conn.prepare_cached(&format!("{} WHERE {id} = ?1", select_columns(table)))?;
+        for (id, at) in &matched {
+            if let Some(row) = by_id.query([id])?.next()? {
+                found[*at] = Some(row_object(table, row)?);
             }
         }
         Ok(ScanResponse {
-            rows,
+            rows: found.into_iter().flatten().collect(),
             next: if more {
                 last.as_ref().map(|k| sql_to_json(k.into()))
             } else {
