@@ -55,7 +55,7 @@ const FENCE_BACKLOG: usize = 1000;
 const FETCH_CHUNK: usize = 5000;
 /// Rows deleted per purge call: each call is one write transaction that client writes on that
 /// node wait behind, so it is kept short.
-const PURGE_PAGE: usize = 3000;
+const PURGE_PAGE: usize = 2000;
 /// Pause between retries after a node failed.
 const RETRY_DELAY: Duration = Duration::from_millis(300);
 
