@@ -14,10 +14,15 @@
 //!   `AUTOINCREMENT`, so it never goes back. The trigger bodies are plain INSERTs of `OLD`/`NEW`
 //!   columns: `trusted_schema` is off, and the authorizer lets client SQL reach the change log
 //!   only through a trigger whose name starts with `_shardlite_capture_`.
-//! - **Scan, count, purge** compute each stored key's ring position in Rust
+//! - **Scan, count, purge, tally** compute each stored key's ring position in Rust
 //!   ([`routing_hash_of`]) and test it against sorted, merged ranges with a binary search; no
 //!   SQL function is registered. Keys with no routing text (REAL, BLOB, NULL) are never in a
-//!   range. Scans are one statement each (one short read snapshot), paged by key.
+//!   range. A scan page is one short read transaction, paged by key: keys first, then whole
+//!   rows only for the keys in range. A purge page is one short write transaction that
+//!   answers a cursor, so a purge in pages reads each row once.
+//! - **Tally** is the source's half of the count check before the fence: in one read
+//!   transaction, the counts of the ranges and the rows of the keys logged since a position,
+//!   so the proxy can bring the target to that same position and compare.
 //! - **Apply** writes whole rows with `INSERT ... ON CONFLICT (key) DO UPDATE SET` every column,
 //!   never `REPLACE` (which would delete first and fire delete triggers). Apply and purge are
 //!   the mover's writes: fences do not apply to them.
