@@ -3,6 +3,8 @@
 //! `docs/rebalance.md` states the protocol and argues why no acknowledged write is lost and no
 //! delete comes back. In short, per source node S (a node that owns ranges it will give away):
 //!
+//! Steps 1–4 run for every source at once; so does the drain under the fence and the clean-up.
+//!
 //! 1. **Capture** (before any row is read): S installs triggers that log every changed key in
 //!    `_shardlite_changes`; the job remembers the log position at that moment.
 //! 2. **Purge** the targets' incoming ranges (left-overs of an older job or of a node that was
@@ -10,10 +12,13 @@
 //! 3. **Copy** S's outgoing ranges in primary-key pages to their targets; the cursor is saved in
 //!    the job record after every page, so a restart continues where it stopped.
 //! 4. **Catch up**: replay logged keys by reading their *current* row on S and upserting it on the
-//!    target, or deleting it there if S no longer has it. Idempotent, order-free.
+//!    target, or deleting it there if S no longer has it. Idempotent, order-free. Then the
+//!    **count check**: S counts its outgoing ranges and hands over the keys logged since, with
+//!    their rows, in one snapshot at log position P; once those are applied each target holds
+//!    S's state at P, and the counts per (source, target) must match. Writes go on meanwhile.
 //! 5. **Fence**: S refuses writes to the outgoing ranges, checked inside its write transaction,
 //!    so a write admitted before the fence commits before it and is logged. The proxy holds and
-//!    retries writes that hit the fence. Then the log is drained to zero and row counts compared.
+//!    retries writes that hit the fence. Then the log is drained to zero (the changes since P).
 //! 6. **Switch**: one transaction on the proxy's state file makes joining nodes active, drops
 //!    drained leaving nodes and bumps the epoch: the commit point.
 //! 7. **Clean up**: once requests routed by the old topology are done, S drops its triggers and
@@ -36,7 +41,8 @@ use shardlite_node::key::ShardKey;
 use shardlite_node::schema::TableSchema;
 use shardlite_ring::{Member, NodeId, Ring, diff, hash_key};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Rows scanned per copy page (the node's maximum; about 1/N of them move).
@@ -47,8 +53,9 @@ const CHANGES_PAGE: usize = 5000;
 const FENCE_BACKLOG: usize = 1000;
 /// Keys fetched from a source per call.
 const FETCH_CHUNK: usize = 5000;
-/// Rows deleted per purge call (keeps each write lock short).
-const PURGE_PAGE: usize = 20_000;
+/// Rows deleted per purge call: each call is one write transaction that client writes on that
+/// node wait behind, so it is kept short.
+const PURGE_PAGE: usize = 2000;
 /// Pause between retries after a node failed.
 const RETRY_DELAY: Duration = Duration::from_millis(300);
 
@@ -153,16 +160,6 @@ pub struct Job {
     /// The longest time a fence was up, in milliseconds (the write pause of moving keys).
     pub pause_ms: u64,
     pub error: Option<String>,
-}
-
-impl Job {
-    fn url(&self, id: &str) -> ProxyResult<&str> {
-        self.nodes
-            .iter()
-            .find(|n| n.id == id)
-            .map(|n| n.url.as_str())
-            .ok_or_else(|| ProxyError::Conflict(format!("node {id} is not part of the job")))
-    }
 }
 
 /// What `GET /v1/cluster/rebalance` reports.
@@ -584,26 +581,6 @@ fn by_target<'a>(
     Ok(groups)
 }
 
-async fn apply(
-    state: &ProxyState,
-    job: &Job,
-    target: &str,
-    table: &str,
-    upserts: Vec<Value>,
-    deletes: Vec<Value>,
-) -> ProxyResult<()> {
-    call(
-        state,
-        target,
-        job.url(target)?,
-        Method::POST,
-        "/v1/transfer/apply",
-        Some(json!({ "table": table, "upserts": upserts, "deletes": deletes })),
-    )
-    .await
-    .map(drop)
-}
-
 async fn lift_fence(state: &ProxyState, source: &Source) -> ProxyResult<()> {
     call(
         state,
@@ -617,48 +594,149 @@ async fn lift_fence(state: &ProxyState, source: &Source) -> ProxyResult<()> {
     .map(drop)
 }
 
-/// Capture, purge, copy, catch up; then raise the fences. Returns `Ok(false)` to go on.
+/// A phase in which every source moves at once. The sources' futures are polled by one task
+/// (`join_all`), so the lock is never contended and never held across an `.await`; each
+/// source's progress is saved in the job record as soon as it is made.
+struct Moving<'a> {
+    state: &'a ProxyState,
+    job: Mutex<Job>,
+    /// Fixed for the whole job: the plan's nodes and tables.
+    nodes: Vec<NodeInfo>,
+    tables: Vec<TableSchema>,
+}
+
+impl<'a> Moving<'a> {
+    fn new(state: &'a ProxyState, job: &Job) -> Moving<'a> {
+        Moving {
+            state,
+            nodes: job.nodes.clone(),
+            tables: job.tables.clone(),
+            job: Mutex::new(job.clone()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Job> {
+        // Only this task takes the lock and it never panics while holding it.
+        self.job.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn source(&self, s: usize) -> Source {
+        self.lock().sources[s].clone()
+    }
+
+    /// Changes the job and saves it, in one step.
+    fn update(&self, change: impl FnOnce(&mut Job)) -> ProxyResult<()> {
+        let mut job = self.lock();
+        change(&mut job);
+        save(self.state, &job)
+    }
+
+    fn url(&self, id: &str) -> ProxyResult<&str> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.url.as_str())
+            .ok_or_else(|| ProxyError::Conflict(format!("node {id} is not part of the job")))
+    }
+
+    fn table(&self, name: &str) -> Option<&TableSchema> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
+    fn into_job(self) -> Job {
+        self.job
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `step` for every source at once; every source gets as far as it can even when
+    /// another fails. The first error is returned.
+    async fn each_source<F, Fut>(&self, step: F) -> ProxyResult<()>
+    where
+        F: Fn(usize) -> Fut,
+        Fut: Future<Output = ProxyResult<()>>,
+    {
+        let n = self.lock().sources.len();
+        futures::future::join_all((0..n).map(step))
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    async fn apply(
+        &self,
+        target: &str,
+        table: &str,
+        upserts: Vec<Value>,
+        deletes: Vec<Value>,
+    ) -> ProxyResult<()> {
+        call(
+            self.state,
+            target,
+            self.url(target)?,
+            Method::POST,
+            "/v1/transfer/apply",
+            Some(json!({ "table": table, "upserts": upserts, "deletes": deletes })),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+/// Capture, purge, copy, catch up and the count check, every source at once; then the job
+/// goes on to the fence. Returns `Ok(false)` to go on.
 async fn copy_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
     // After a restart or a failed fence, fences may still be up: lift them first.
-    for source in &job.sources {
-        lift_fence(state, source).await?;
+    let lifts = job.sources.iter().map(|source| lift_fence(state, source));
+    for lifted in futures::future::join_all(lifts).await {
+        lifted?;
     }
-    for s in 0..job.sources.len() {
-        let source = job.sources[s].clone();
-        if !source.capturing {
-            let on = call(
-                state,
-                &source.id,
-                &source.url,
-                Method::POST,
-                "/v1/transfer/capture",
-                Some(json!({})),
-            )
-            .await?;
-            let source = &mut job.sources[s];
-            source.applied_seq = on["max_seq"].as_i64().unwrap_or(0);
-            source.capturing = true;
-            save(state, job)?;
-        }
-        if !job.sources[s].purged {
-            let source = job.sources[s].clone();
-            for target in source.targets() {
-                purge(state, target, job.url(target)?, &source.spans_to(target)).await?;
-            }
-            job.sources[s].purged = true;
-            save(state, job)?;
-        }
-        copy_source(state, job, s).await?;
-        catch_up(state, job, s, false).await?;
-    }
+    let moving = Moving::new(state, job);
+    let prepared = moving.each_source(|s| prepare_source(&moving, s)).await;
+    *job = moving.into_job();
+    prepared?;
     job.phase = Phase::Fenced;
     job.error = None;
     save(state, job)?;
     Ok(false)
 }
 
+/// Everything before the fence for one source, each step skipped if the record says it is done.
+async fn prepare_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
+    let state = moving.state;
+    let source = moving.source(s);
+    if !source.capturing {
+        let on = call(
+            state,
+            &source.id,
+            &source.url,
+            Method::POST,
+            "/v1/transfer/capture",
+            Some(json!({})),
+        )
+        .await?;
+        moving.update(|job| {
+            let source = &mut job.sources[s];
+            source.applied_seq = on["max_seq"].as_i64().unwrap_or(0);
+            source.capturing = true;
+        })?;
+    }
+    if !moving.source(s).purged {
+        for target in source.targets() {
+            purge(state, target, moving.url(target)?, &source.spans_to(target)).await?;
+        }
+        moving.update(|job| job.sources[s].purged = true)?;
+    }
+    copy_source(moving, s).await?;
+    catch_up(moving, s, false).await?;
+    check_counts(moving, s).await
+}
+
+/// Deletes every row of `spans` on a node, page by page; each page is one short write
+/// transaction there, and the cursor makes the whole purge one pass over the keys.
 async fn purge(state: &ProxyState, id: &str, url: &str, spans: &[[u32; 2]]) -> ProxyResult<u64> {
     let mut deleted = 0;
+    let mut after = Value::Null;
     loop {
         let answer = call(
             state,
@@ -666,13 +744,14 @@ async fn purge(state: &ProxyState, id: &str, url: &str, spans: &[[u32; 2]]) -> P
             url,
             Method::POST,
             "/v1/transfer/purge",
-            Some(json!({ "ranges": spans, "limit": PURGE_PAGE })),
+            Some(json!({ "ranges": spans, "limit": PURGE_PAGE, "after": after })),
         )
         .await?;
         deleted += answer["deleted"].as_u64().unwrap_or(0);
         if answer["done"].as_bool().unwrap_or(true) {
             return Ok(deleted);
         }
+        after = answer["next"].clone();
     }
 }
 
@@ -716,8 +795,7 @@ async fn scan(
 
 /// Upserts a page of scanned rows on their targets.
 async fn apply_page(
-    state: &ProxyState,
-    job: &Job,
+    moving: &Moving<'_>,
     source: &Source,
     table: &TableSchema,
     rows: Vec<Box<serde_json::value::RawValue>>,
@@ -739,12 +817,13 @@ async fn apply_page(
             body.push_str(row.get());
         }
         body.push_str("]}");
-        return state
+        return moving
+            .state
             .upstream()
             .call(
                 target,
                 Method::POST,
-                job.url(target)?,
+                moving.url(target)?,
                 "/v1/transfer/apply",
                 Some(body.into()),
             )
@@ -763,7 +842,7 @@ async fn apply_page(
     let groups = by_target(source, table, rows)?;
     let applies = groups
         .into_iter()
-        .map(|(target, rows)| apply(state, job, target, &table.name, rows, Vec::new()));
+        .map(|(target, rows)| moving.apply(target, &table.name, rows, Vec::new()));
     for result in futures::future::join_all(applies).await {
         result?;
     }
@@ -772,10 +851,10 @@ async fn apply_page(
 
 /// Copies one source's outgoing ranges page by page, saving the cursor after each page. The
 /// next page is read from the source while the current one is written to its target.
-async fn copy_source(state: &ProxyState, job: &mut Job, s: usize) -> ProxyResult<()> {
-    let tables = job.tables.clone();
-    let source = job.sources[s].clone();
-    for table in &tables {
+async fn copy_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
+    let state = moving.state;
+    let source = moving.source(s);
+    for table in &moving.tables {
         let cursor = source.copy.get(&table.name).cloned().unwrap_or_default();
         if cursor.done {
             continue;
@@ -795,19 +874,20 @@ async fn copy_source(state: &ProxyState, job: &mut Job, s: usize) -> ProxyResult
             let copied = page.rows.len() as u64;
             let rows = std::mem::take(&mut page.rows);
             let (applied, prefetched) = if next.done {
-                (apply_page(state, job, &source, table, rows).await, None)
+                (apply_page(moving, &source, table, rows).await, None)
             } else {
                 let (applied, prefetched) = tokio::join!(
-                    apply_page(state, job, &source, table, rows),
+                    apply_page(moving, &source, table, rows),
                     scan(state, &source, &table.name, &next.after)
                 );
                 (applied, Some(prefetched))
             };
             applied?;
             let done = next.done;
-            job.sources[s].copy.insert(table.name.clone(), next);
-            job.rows_moved += copied;
-            save(state, job)?;
+            moving.update(|job| {
+                job.sources[s].copy.insert(table.name.clone(), next);
+                job.rows_moved += copied;
+            })?;
             step_pause(state).await;
             match prefetched {
                 Some(prefetched) if !done => page = prefetched?,
@@ -831,11 +911,30 @@ struct ChangesPage {
     capturing: bool,
 }
 
+/// The source's change log is gone (its file was replaced?): what changed since the copy is
+/// unknown, so this source starts over: capture, purge the targets, copy.
+fn restart_source(moving: &Moving<'_>, s: usize) -> ProxyError {
+    let saved = moving.update(|job| {
+        let source = &mut job.sources[s];
+        source.capturing = false;
+        source.purged = false;
+        source.copy.clear();
+    });
+    match saved {
+        Err(e) => e,
+        Ok(()) => ProxyError::ShardUnavailable {
+            node: moving.source(s).id,
+            reason: "its change capture is gone; copying its ranges again".into(),
+        },
+    }
+}
+
 /// Replays logged keys: current row on the source → upsert on the target; gone → delete there.
 /// With `drain`, runs until the log is empty; otherwise until the backlog is small.
-async fn catch_up(state: &ProxyState, job: &mut Job, s: usize, drain: bool) -> ProxyResult<()> {
+async fn catch_up(moving: &Moving<'_>, s: usize, drain: bool) -> ProxyResult<()> {
+    let state = moving.state;
     loop {
-        let source = job.sources[s].clone();
+        let source = moving.source(s);
         let page: ChangesPage = serde_json::from_value(
             call(
                 state,
@@ -852,17 +951,7 @@ async fn catch_up(state: &ProxyState, job: &mut Job, s: usize, drain: bool) -> P
             reason: e.to_string(),
         })?;
         if !page.capturing {
-            // The log is gone (the file was replaced?): what changed since the copy is unknown.
-            // Start this source over: capture, purge the targets, copy.
-            let source = &mut job.sources[s];
-            source.capturing = false;
-            source.purged = false;
-            source.copy.clear();
-            save(state, job)?;
-            return Err(ProxyError::ShardUnavailable {
-                node: job.sources[s].id.clone(),
-                reason: "its change capture is gone; copying its ranges again".into(),
-            });
+            return Err(restart_source(moving, s));
         }
         let Some(last) = page.changes.last().map(|c| c.seq) else {
             return Ok(());
@@ -871,7 +960,7 @@ async fn catch_up(state: &ProxyState, job: &mut Job, s: usize, drain: bool) -> P
         // Moving keys per table, each once.
         let mut keys: BTreeMap<String, Vec<Value>> = BTreeMap::new();
         for change in page.changes {
-            let Some(table) = job.tables.iter().find(|t| t.name == change.table) else {
+            let Some(table) = moving.table(&change.table) else {
                 continue;
             };
             if source.target_of(position(table, &change.key)?).is_some() {
@@ -882,12 +971,7 @@ async fn catch_up(state: &ProxyState, job: &mut Job, s: usize, drain: bool) -> P
             }
         }
         for (name, keys) in keys {
-            let table = job
-                .tables
-                .iter()
-                .find(|t| t.name == name)
-                .expect("only known tables were kept")
-                .clone();
+            let table = moving.table(&name).expect("only known tables were kept");
             for chunk in keys.chunks(FETCH_CHUNK) {
                 let found = call(
                     state,
@@ -903,39 +987,152 @@ async fn catch_up(state: &ProxyState, job: &mut Job, s: usize, drain: bool) -> P
                     .iter()
                     .map(|r| r.get(&table.key).cloned().unwrap_or(Value::Null))
                     .collect();
-                let mut upserts = by_target(&source, &table, rows)?;
-                let mut deletes: HashMap<&str, Vec<Value>> = HashMap::new();
-                for key in chunk.iter().filter(|k| !present.contains(k)) {
-                    if let Some(target) = source.target_of(position(&table, key)?) {
-                        deletes.entry(target).or_default().push(key.clone());
-                    }
-                }
-                let mut targets: Vec<&str> =
-                    upserts.keys().chain(deletes.keys()).copied().collect();
-                targets.sort_unstable();
-                targets.dedup();
-                for target in targets {
-                    apply(
-                        state,
-                        job,
-                        target,
-                        &name,
-                        upserts.remove(target).unwrap_or_default(),
-                        deletes.remove(target).unwrap_or_default(),
-                    )
-                    .await?;
-                }
+                let absent = chunk.iter().filter(|k| !present.contains(k)).cloned();
+                apply_current(moving, &source, table, rows, absent.collect()).await?;
             }
         }
-        job.sources[s].applied_seq = last;
-        save(state, job)?;
+        moving.update(|job| job.sources[s].applied_seq = last)?;
         if !drain && backlog < FENCE_BACKLOG {
             return Ok(());
         }
     }
 }
 
-/// Fences every source, drains its log to zero, checks counts, and switches ownership.
+/// Writes keys' current state on their targets: `rows` are upserted, `absent` keys deleted.
+async fn apply_current(
+    moving: &Moving<'_>,
+    source: &Source,
+    table: &TableSchema,
+    rows: Vec<Value>,
+    absent: Vec<Value>,
+) -> ProxyResult<()> {
+    let mut upserts = by_target(source, table, rows)?;
+    let mut deletes: HashMap<&str, Vec<Value>> = HashMap::new();
+    for key in absent {
+        if let Some(target) = source.target_of(position(table, &key)?) {
+            deletes.entry(target).or_default().push(key);
+        }
+    }
+    let mut targets: Vec<&str> = upserts.keys().chain(deletes.keys()).copied().collect();
+    targets.sort_unstable();
+    targets.dedup();
+    for target in targets {
+        moving
+            .apply(
+                target,
+                &table.name,
+                upserts.remove(target).unwrap_or_default(),
+                deletes.remove(target).unwrap_or_default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// The source's answer to `/v1/transfer/tally`.
+#[derive(Deserialize)]
+struct Tally {
+    capturing: bool,
+    complete: bool,
+    max_seq: i64,
+    counts: Vec<u64>,
+    keys: Vec<TalliedKey>,
+}
+
+#[derive(Deserialize)]
+struct TalliedKey {
+    table: String,
+    key: Value,
+    row: Option<Value>,
+}
+
+/// The count check of one source, made while client writes go on (outside the fence).
+///
+/// In one read snapshot at log position S, the source counts its outgoing ranges and returns
+/// every key logged since the last catch-up with its row in that same snapshot. Once those are
+/// applied, each target holds exactly what the source held at S in the ranges it receives
+/// (see `docs/rebalance.md`), so per (source, target) pair the two counts must be equal; then
+/// the catch-up position becomes S. A mismatch stops the job before any fence goes up.
+async fn check_counts(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
+    let state = moving.state;
+    let asks = count_asks(std::slice::from_ref(&moving.source(s)));
+    loop {
+        let source = moving.source(s);
+        let spans = &asks[&source.id].0;
+        let tally: Tally = serde_json::from_value(
+            call(
+                state,
+                &source.id,
+                &source.url,
+                Method::POST,
+                "/v1/transfer/tally",
+                Some(
+                    json!({ "after": source.applied_seq, "ranges": spans, "limit": CHANGES_PAGE }),
+                ),
+            )
+            .await?,
+        )
+        .map_err(|e| ProxyError::BadNodeAnswer {
+            node: source.id.clone(),
+            reason: e.to_string(),
+        })?;
+        if !tally.capturing {
+            return Err(restart_source(moving, s));
+        }
+        if !tally.complete {
+            // More changed than one answer carries: catch up further and ask again.
+            catch_up(moving, s, false).await?;
+            continue;
+        }
+        // The logged keys' rows as of S, per table.
+        let mut per_table: BTreeMap<String, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
+        for tallied in tally.keys {
+            let entry = per_table.entry(tallied.table).or_default();
+            match tallied.row {
+                Some(row) => entry.0.push(row),
+                None => entry.1.push(tallied.key),
+            }
+        }
+        for (name, (rows, absent)) in per_table {
+            if let Some(table) = moving.table(&name) {
+                apply_current(moving, &source, table, rows, absent).await?;
+            }
+        }
+        // The targets now hold the source's state at S in these ranges: count them.
+        let counts = asks.iter().map(|(node, (spans, _))| {
+            let source_counts = (*node == source.id).then(|| tally.counts.clone());
+            async move {
+                if let Some(counts) = source_counts {
+                    return Ok(counts);
+                }
+                let counted = call(
+                    state,
+                    node,
+                    moving.url(node)?,
+                    Method::POST,
+                    "/v1/transfer/count",
+                    Some(json!({ "ranges": spans })),
+                )
+                .await?;
+                Ok::<_, ProxyError>(
+                    counted["counts"]
+                        .as_array()
+                        .map(|c| c.iter().filter_map(Value::as_u64).collect())
+                        .unwrap_or_default(),
+                )
+            }
+        });
+        let answers = futures::future::join_all(counts)
+            .await
+            .into_iter()
+            .collect::<ProxyResult<Vec<_>>>()?;
+        compare_counts(&asks, answers)?;
+        return moving.update(|job| job.sources[s].applied_seq = tally.max_seq);
+    }
+}
+
+/// Fences every source, drains its log to zero, and switches ownership. The count check was
+/// made before the fence (`check_counts`), so the only work under it is the changes made since.
 async fn fenced_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
     let before = state.cluster().topology();
     let fenced_at = Instant::now();
@@ -953,10 +1150,10 @@ async fn fenced_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
         fenced?;
     }
     step_pause(state).await;
-    for s in 0..job.sources.len() {
-        catch_up(state, job, s, true).await?;
-    }
-    check_counts(state, job).await?;
+    let moving = Moving::new(state, job);
+    let drained = moving.each_source(|s| catch_up(&moving, s, true)).await;
+    *job = moving.into_job();
+    drained?;
     commit(state, job)?;
     job.pause_ms = job.pause_ms.max(fenced_at.elapsed().as_millis() as u64);
     save(state, job)?;
@@ -1012,33 +1209,6 @@ fn compare_counts(asks: &CountAsks, answers: Vec<Vec<u64>>) -> ProxyResult<()> {
     Ok(())
 }
 
-/// Before the switch, every moving range must hold as many rows on its target as on its source.
-/// Every node involved is asked once, all at the same time (this runs while writes are fenced).
-async fn check_counts(state: &ProxyState, job: &Job) -> ProxyResult<()> {
-    let asks = count_asks(&job.sources);
-    let calls = asks.iter().map(|(node, (spans, _))| async move {
-        let counted = call(
-            state,
-            node,
-            job.url(node)?,
-            Method::POST,
-            "/v1/transfer/count",
-            Some(json!({ "ranges": spans })),
-        )
-        .await?;
-        let counts: Vec<u64> = counted["counts"]
-            .as_array()
-            .map(|c| c.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default();
-        Ok::<_, ProxyError>(counts)
-    });
-    let answers = futures::future::join_all(calls)
-        .await
-        .into_iter()
-        .collect::<ProxyResult<Vec<_>>>()?;
-    compare_counts(&asks, answers)
-}
-
 /// The commit point: one transaction on the state file.
 fn commit(state: &ProxyState, job: &mut Job) -> ProxyResult<()> {
     job.phase = Phase::Committed;
@@ -1080,29 +1250,35 @@ async fn wait_for_requests(topology: Arc<Topology>) {
     }
 }
 
-/// Drops capture, deletes the moved rows from each source, lifts its fence.
+/// Drops capture, deletes the moved rows from each source and lifts its fence; every source at
+/// once.
 async fn cleanup_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
-    for s in 0..job.sources.len() {
-        if job.sources[s].cleaned {
-            continue;
-        }
-        let source = job.sources[s].clone();
-        step_pause(state).await;
-        call(
-            state,
-            &source.id,
-            &source.url,
-            Method::DELETE,
-            "/v1/transfer/capture",
-            None,
-        )
-        .await?;
-        purge(state, &source.id, &source.url, &source.spans()).await?;
-        lift_fence(state, &source).await?;
-        job.sources[s].cleaned = true;
-        save(state, job)?;
-    }
+    let moving = Moving::new(state, job);
+    let cleaned = moving.each_source(|s| clean_source(&moving, s)).await;
+    *job = moving.into_job();
+    cleaned?;
     Ok(true)
+}
+
+async fn clean_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
+    let state = moving.state;
+    let source = moving.source(s);
+    if source.cleaned {
+        return Ok(());
+    }
+    step_pause(state).await;
+    call(
+        state,
+        &source.id,
+        &source.url,
+        Method::DELETE,
+        "/v1/transfer/capture",
+        None,
+    )
+    .await?;
+    purge(state, &source.id, &source.url, &source.spans()).await?;
+    lift_fence(state, &source).await?;
+    moving.update(|job| job.sources[s].cleaned = true)
 }
 
 #[cfg(test)]
@@ -1223,6 +1399,16 @@ mod tests {
             error.contains("b holds 3") && error.contains("c holds 2"),
             "{error}"
         );
+        // The check runs per source, as `check_counts` asks: b's side of b → c only, even
+        // though b also receives from a.
+        let asks = count_asks(std::slice::from_ref(&sources[1]));
+        assert_eq!(asks.keys().collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(asks["b"].0, vec![[40, 49]]);
+        assert!(compare_counts(&asks, vec![vec![3], vec![3]]).is_ok());
+        let error = compare_counts(&asks, vec![vec![3], vec![4]])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("c holds 4"), "{error}");
     }
 
     #[test]

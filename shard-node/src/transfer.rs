@@ -14,10 +14,15 @@
 //!   `AUTOINCREMENT`, so it never goes back. The trigger bodies are plain INSERTs of `OLD`/`NEW`
 //!   columns: `trusted_schema` is off, and the authorizer lets client SQL reach the change log
 //!   only through a trigger whose name starts with `_shardlite_capture_`.
-//! - **Scan, count, purge** compute each stored key's ring position in Rust
+//! - **Scan, count, purge, tally** compute each stored key's ring position in Rust
 //!   ([`routing_hash_of`]) and test it against sorted, merged ranges with a binary search; no
 //!   SQL function is registered. Keys with no routing text (REAL, BLOB, NULL) are never in a
-//!   range. Scans are one statement each (one short read snapshot), paged by key.
+//!   range. A scan page is one short read transaction, paged by key: keys first, then whole
+//!   rows only for the keys in range. A purge page is one short write transaction that
+//!   answers a cursor, so a purge in pages reads each row once.
+//! - **Tally** is the source's half of the count check before the fence: in one read
+//!   transaction, the counts of the ranges and the rows of the keys logged since a position,
+//!   so the proxy can bring the target to that same position and compare.
 //! - **Apply** writes whole rows with `INSERT ... ON CONFLICT (key) DO UPDATE SET` every column,
 //!   never `REPLACE` (which would delete first and fire delete triggers). Apply and purge are
 //!   the mover's writes: fences do not apply to them.
@@ -65,6 +70,9 @@ pub const MAX_FETCH_KEYS: usize = 10_000;
 /// Rows deleted per purge when the request names no limit, and the most per purge.
 pub const DEFAULT_PURGE_LIMIT: usize = 5000;
 pub const MAX_PURGE_LIMIT: usize = 50_000;
+/// Most keys one purge reads (it holds the writer meanwhile); it stops there and answers a
+/// cursor, so a purge of a sparse range is many short transactions, not one long one.
+pub const MAX_PURGE_SCAN: usize = 100_000;
 
 /// `POST /v1/transfer/capture` answer.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -175,14 +183,69 @@ pub struct PurgeRequest {
     pub ranges: Vec<(u32, u32)>,
     #[serde(default)]
     pub limit: Option<usize>,
+    /// The `next` of the previous purge: continue after it. Absent: from the first table's
+    /// first key.
+    #[serde(default)]
+    pub after: Option<PurgeCursor>,
+}
+
+/// Where a purge stopped: the tables are walked by name, each in rowid order when it has a
+/// rowid, else in key order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PurgeCursor {
+    pub table: String,
+    /// The last rowid looked at in `table` (a walk by rowid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rowid: Option<i64>,
+    /// The last key looked at in `table`, as stored (a walk by key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Value>,
 }
 
 /// `POST /v1/transfer/purge` answer.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct PurgeResponse {
     pub deleted: u64,
-    /// No row is left in the ranges.
+    /// No row is left in the ranges after the cursor the purge started from.
     pub done: bool,
+    /// Where to continue when not done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<PurgeCursor>,
+}
+
+/// `POST /v1/transfer/tally` body.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct TallyRequest {
+    /// Changes with a seq above this one are returned with their keys' current rows.
+    #[serde(default)]
+    pub after: i64,
+    /// The ranges to count, and to keep logged keys of.
+    pub ranges: Vec<(u32, u32)>,
+    /// Most changes the answer may carry; with more, it carries none (`complete: false`).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// A logged key in the tallied ranges and its row in the same snapshot (absent: deleted).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TalliedKey {
+    pub table: String,
+    pub key: Value,
+    pub row: Option<Map<String, Value>>,
+}
+
+/// `POST /v1/transfer/tally` answer: all of it read in one snapshot, at log position `max_seq`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TallyResponse {
+    pub capturing: bool,
+    /// False when more than `limit` changes follow `after`: nothing else is filled in.
+    pub complete: bool,
+    /// The log position of the snapshot.
+    pub max_seq: i64,
+    /// `counts[i]`: rows of all sharded tables whose key hash is in `ranges[i]`.
+    pub counts: Vec<u64>,
+    /// Every key logged in `(after, max_seq]` that lies in the ranges, once, in log order.
+    pub keys: Vec<TalliedKey>,
 }
 
 /// `GET /v1/transfer/fences` answer.
@@ -447,8 +510,14 @@ fn key_index(table: &TableSchema) -> usize {
         .expect("the key column is one of the table's columns")
 }
 
-/// Reads up to `limit` rows after `after` in key order, in one statement, and returns those
-/// whose key hash is in `ranges`.
+/// Reads up to `limit` keys after `after` in key order and returns the rows of those whose
+/// key hash is in `ranges`, in key order, all in one read snapshot.
+///
+/// Keys are read alone first (a walk of the key's index, which also holds the rowid), and
+/// whole rows only for the keys that match, in rowid order: in a rowid table with a TEXT key,
+/// a key-ordered walk of whole rows would seek the table at random once per key, moving or
+/// not, while in rowid order the moving rows of one table page are read one after another.
+/// The rows still go out in key order, which keeps the target's inserts local.
 pub(crate) fn scan(
     conn: &Connection,
     table: &TableSchema,
@@ -456,42 +525,65 @@ pub(crate) fn scan(
     limit: usize,
     ranges: &Ranges,
 ) -> Result<ScanResponse, NodeError> {
-    let k = quote(&table.key);
-    let sql = match after {
-        Some(_) => format!(
-            "{} WHERE {k} > ?1 ORDER BY {k} LIMIT ?2",
-            select_columns(table)
-        ),
-        None => format!("{} ORDER BY {k} LIMIT ?2", select_columns(table)),
-    };
-    let mut stmt = conn.prepare_cached(&sql)?;
-    if let Some(after) = after {
-        stmt.raw_bind_parameter(1, after)?;
-    }
-    // One more than asked tells whether another page follows.
-    stmt.raw_bind_parameter(2, i64::try_from(limit + 1).unwrap_or(i64::MAX))?;
-    let key_at = key_index(table);
-    let mut rows = Vec::new();
-    let mut scanned = 0;
-    let mut last = None;
-    let mut more = false;
-    let mut cursor = stmt.raw_query();
-    while let Some(row) = cursor.next()? {
-        if scanned == limit {
-            more = true;
-            break;
+    conn.execute_batch("BEGIN")?;
+    let read = (|| -> Result<ScanResponse, NodeError> {
+        let (t, k) = (quote(&table.name), quote(&table.key));
+        // Without a rowid, rows are read back by key.
+        let id = rowid_alias(conn, &table.name)?.map_or_else(|| k.clone(), str::to_owned);
+        let keys_sql = match after {
+            Some(_) => format!("SELECT {k}, {id} FROM {t} WHERE {k} > ?1 ORDER BY {k} LIMIT ?2"),
+            None => format!("SELECT {k}, {id} FROM {t} ORDER BY {k} LIMIT ?2"),
+        };
+        let mut stmt = conn.prepare_cached(&keys_sql)?;
+        if let Some(after) = after {
+            stmt.raw_bind_parameter(1, after)?;
         }
-        scanned += 1;
-        let key = row.get_ref(key_at)?;
-        if ranges.contains_key(key) {
-            rows.push(row_object(table, row)?);
+        // One more than asked tells whether another page follows.
+        stmt.raw_bind_parameter(2, i64::try_from(limit + 1).unwrap_or(i64::MAX))?;
+        // (rowid or key, position in key order) of each matching row.
+        let mut matched: Vec<(SqlValue, usize)> = Vec::new();
+        let mut scanned = 0;
+        let mut last = None;
+        let mut more = false;
+        let mut cursor = stmt.raw_query();
+        while let Some(row) = cursor.next()? {
+            if scanned == limit {
+                more = true;
+                break;
+            }
+            scanned += 1;
+            let key: SqlValue = row.get(0)?;
+            if ranges.contains_key((&key).into()) {
+                matched.push((row.get(1)?, matched.len()));
+            }
+            last = Some(key);
         }
-        last = Some(sql_to_json(key));
-    }
-    Ok(ScanResponse {
-        rows,
-        next: if more { last } else { None },
-    })
+        drop(cursor);
+        if matches!(matched.first(), Some((SqlValue::Integer(_), _))) {
+            matched.sort_unstable_by_key(|(id, _)| match id {
+                SqlValue::Integer(n) => *n,
+                _ => i64::MAX,
+            });
+        }
+        let mut found: Vec<Option<Map<String, Value>>> = vec![None; matched.len()];
+        let mut by_id =
+            conn.prepare_cached(&format!("{} WHERE {id} = ?1", select_columns(table)))?;
+        for (id, at) in &matched {
+            if let Some(row) = by_id.query([id])?.next()? {
+                found[*at] = Some(row_object(table, row)?);
+            }
+        }
+        Ok(ScanResponse {
+            rows: found.into_iter().flatten().collect(),
+            next: if more {
+                last.as_ref().map(|k| sql_to_json(k.into()))
+            } else {
+                None
+            },
+        })
+    })();
+    rollback(conn);
+    read
 }
 
 /// A row selected by [`select_columns`] as a JSON object.
@@ -513,6 +605,16 @@ pub(crate) fn count(
     schema: &Schema,
     ranges: &[(u32, u32)],
 ) -> Result<CountResponse, NodeError> {
+    let (counts, rows_total) = count_in(conn, schema, ranges)?;
+    Ok(CountResponse { counts, rows_total })
+}
+
+/// Per range, the rows of all sharded tables whose key hash is in it; and all rows.
+fn count_in(
+    conn: &Connection,
+    schema: &Schema,
+    ranges: &[(u32, u32)],
+) -> rusqlite::Result<(Vec<u64>, u64)> {
     let mut counter = RangeCounter::new(ranges);
     let mut rows_total = 0;
     for table in schema.tables() {
@@ -526,10 +628,7 @@ pub(crate) fn count(
             }
         }
     }
-    Ok(CountResponse {
-        counts: counter.counts(),
-        rows_total,
-    })
+    Ok((counter.counts(), rows_total))
 }
 
 /// The rows with `keys` that exist, once each, read in one snapshot.
@@ -596,49 +695,218 @@ pub(crate) fn apply(
     applied
 }
 
+/// Where a purge continues inside one table.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum PurgeFrom {
+    Rowid(i64),
+    Key(SqlValue),
+}
+
+/// The name that reaches `table`'s rowid: none for a `WITHOUT ROWID` table, nor when its
+/// columns shadow every alias.
+fn rowid_alias(conn: &Connection, table: &str) -> rusqlite::Result<Option<&'static str>> {
+    let without_rowid: bool = conn
+        .prepare_cached("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1")?
+        .query_row([table], |row| row.get(0))?;
+    if without_rowid {
+        return Ok(None);
+    }
+    let columns: Vec<String> = conn
+        .prepare_cached("SELECT name FROM pragma_table_xinfo(?1, 'main')")?
+        .query_map([table], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(["_rowid_", "rowid", "oid"]
+        .into_iter()
+        .find(|alias| !columns.iter().any(|c| c.eq_ignore_ascii_case(alias))))
+}
+
 /// Deletes up to `limit` rows of sharded tables whose key hash is in `ranges`, in one writer
-/// transaction: keys are scanned table by table in key order until one more than `limit`
-/// match (so `done` is exact), then the first `limit` are deleted by key. Not fenced.
+/// transaction. The tables are walked by name, each from `after` (the `next` of the previous
+/// call), so a purge in pages reads every row once, not once per page.
+///
+/// A table with a rowid is walked in rowid order and its rows deleted by rowid: the table's
+/// pages are then touched in order, and only the key's index at random (a walk by key would
+/// touch the bigger table at random). The pages each delete dirties are written to the WAL at
+/// every commit, so this halves what a page of deletes writes. Other tables go by key.
+///
+/// Rows are read until one more than `limit` match (so `done` is exact) or
+/// [`MAX_PURGE_SCAN`] were read, then the first `limit` are deleted. `next` is the last row
+/// deleted or, when the read stopped first, the last row read. Not fenced.
+///
+/// The cursor skips only rows already looked at, so nothing is missed as long as nobody adds
+/// rows to `ranges` during the purge: true for both callers (a target before the copy, which
+/// does not own the ranges, and a source after the switch, whose fence refuses the writes).
 pub(crate) fn purge(
     conn: &Connection,
     schema: &Schema,
     ranges: &Ranges,
     limit: usize,
+    after: Option<(&str, PurgeFrom)>,
 ) -> Result<PurgeResponse, NodeError> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let purged = (|| -> Result<PurgeResponse, NodeError> {
-        let mut doomed: Vec<(&TableSchema, SqlValue)> = Vec::new();
+        // (table, its rowid alias if walked by rowid, the row's rowid or key)
+        let mut doomed: Vec<(&TableSchema, Option<&str>, SqlValue)> = Vec::new();
+        let mut scanned = 0;
+        let mut stopped = None;
         'tables: for table in schema.tables() {
+            let from = match &after {
+                Some((name, _)) if table.name.as_str() < *name => continue,
+                Some((name, from)) if table.name == *name => Some(from),
+                _ => None,
+            };
             let (t, k) = (quote(&table.name), quote(&table.key));
-            let mut stmt = conn.prepare_cached(&format!("SELECT {k} FROM {t} ORDER BY {k}"))?;
-            let mut rows = stmt.query([])?;
+            let rowid = match from {
+                Some(PurgeFrom::Key(_)) => None,
+                _ => rowid_alias(conn, &table.name)?,
+            };
+            let (walk, bound) = match (rowid, from) {
+                (Some(r), Some(PurgeFrom::Rowid(n))) => (
+                    format!("SELECT {r}, {k} FROM {t} WHERE {r} > ?1 ORDER BY {r}"),
+                    Some(SqlValue::Integer(*n)),
+                ),
+                (Some(r), _) => (format!("SELECT {r}, {k} FROM {t} ORDER BY {r}"), None),
+                (None, Some(PurgeFrom::Key(key))) => (
+                    format!("SELECT {k}, {k} FROM {t} WHERE {k} > ?1 ORDER BY {k}"),
+                    Some(key.clone()),
+                ),
+                (None, _) => (format!("SELECT {k}, {k} FROM {t} ORDER BY {k}"), None),
+            };
+            let mut stmt = conn.prepare_cached(&walk)?;
+            if let Some(bound) = &bound {
+                stmt.raw_bind_parameter(1, bound)?;
+            }
+            let mut rows = stmt.raw_query();
             while let Some(row) = rows.next()? {
-                if ranges.contains_key(row.get_ref(0)?) {
-                    doomed.push((table, row.get(0)?));
+                scanned += 1;
+                if ranges.contains_key(row.get_ref(1)?) {
+                    doomed.push((table, rowid, row.get::<_, SqlValue>(0)?));
                     if doomed.len() > limit {
                         break 'tables;
                     }
                 }
+                if scanned >= MAX_PURGE_SCAN {
+                    stopped = Some((table, rowid, row.get::<_, SqlValue>(0)?));
+                    break 'tables;
+                }
             }
         }
-        let done = doomed.len() <= limit;
+        let done = doomed.len() <= limit && stopped.is_none();
         doomed.truncate(limit);
         let mut deleted = 0;
-        for (table, key) in &doomed {
-            let sql = format!(
-                "DELETE FROM {} WHERE {} = ?1",
-                quote(&table.name),
-                quote(&table.key)
-            );
-            deleted += conn.prepare_cached(&sql)?.execute([key])? as u64;
+        for (table, rowid, id) in &doomed {
+            let column = rowid.map_or_else(|| quote(&table.key), str::to_owned);
+            let sql = format!("DELETE FROM {} WHERE {column} = ?1", quote(&table.name));
+            deleted += conn.prepare_cached(&sql)?.execute([id])? as u64;
         }
         conn.execute_batch("COMMIT")?;
-        Ok(PurgeResponse { deleted, done })
+        let next = if done {
+            None
+        } else {
+            // A full page: after its last deleted row; else after the last row read.
+            let (table, rowid, id) = if doomed.len() == limit {
+                doomed.last()
+            } else {
+                stopped.as_ref()
+            }
+            .expect("not done: the page is full or the read stopped");
+            Some(match (rowid, id) {
+                (Some(_), SqlValue::Integer(n)) => PurgeCursor {
+                    table: table.name.clone(),
+                    rowid: Some(*n),
+                    key: None,
+                },
+                _ => PurgeCursor {
+                    table: table.name.clone(),
+                    rowid: None,
+                    key: Some(sql_to_json(id.into())),
+                },
+            })
+        };
+        Ok(PurgeResponse {
+            deleted,
+            done,
+            next,
+        })
     })();
     if purged.is_err() {
         rollback(conn);
     }
     purged
+}
+
+/// For the count check before the fence: in one read snapshot at log position `max_seq`, the
+/// row count of each of `ranges`, and every key logged after `after` that lies in them, with
+/// its row as it is in that snapshot.
+///
+/// Once the proxy has applied those rows and deletions to the target, the target holds what
+/// the source held at `max_seq` in these ranges (the rest was applied by earlier catch-ups,
+/// and a key changed since its last copy or catch-up is among the logged keys), so their
+/// counts must be equal even while client writes go on.
+pub(crate) fn tally(
+    conn: &Connection,
+    schema: &Schema,
+    after: i64,
+    ranges: &[(u32, u32)],
+    limit: usize,
+) -> Result<TallyResponse, NodeError> {
+    let merged = Ranges::new(ranges)?;
+    conn.execute_batch("BEGIN")?;
+    let read = (|| -> Result<TallyResponse, NodeError> {
+        let mut answer = TallyResponse {
+            capturing: capture_installed(conn)?,
+            complete: false,
+            max_seq: 0,
+            counts: Vec::new(),
+            keys: Vec::new(),
+        };
+        if !answer.capturing {
+            return Ok(answer);
+        }
+        answer.max_seq = max_seq(conn)?.max(after);
+        let logged: Vec<(String, SqlValue)> = conn
+            .prepare_cached(
+                "SELECT tbl, key FROM _shardlite_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?
+            .query_map(
+                rusqlite::params![after, i64::try_from(limit + 1).unwrap_or(i64::MAX)],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?
+            .collect::<rusqlite::Result<_>>()?;
+        if logged.len() > limit {
+            return Ok(answer);
+        }
+        let mut seen = HashSet::new();
+        for (name, key) in logged {
+            let Some(table) = schema.table(&name) else {
+                continue;
+            };
+            if !merged.contains_key((&key).into()) {
+                continue;
+            }
+            let key_json = sql_to_json((&key).into());
+            if !seen.insert((name.clone(), key_json.to_string())) {
+                continue;
+            }
+            let sql = format!("{} WHERE {} = ?1", select_columns(table), quote(&table.key));
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut rows = stmt.query([&key])?;
+            let row = match rows.next()? {
+                Some(row) => Some(row_object(table, row)?),
+                None => None,
+            };
+            answer.keys.push(TalliedKey {
+                table: name,
+                key: key_json,
+                row,
+            });
+        }
+        answer.counts = count_in(conn, schema, ranges)?.0;
+        answer.complete = true;
+        Ok(answer)
+    })();
+    rollback(conn);
+    read
 }
 
 /// The fences a `PUT` asks for, checked.

@@ -1,6 +1,6 @@
 //! Handlers of `/v1/transfer/*`: what the proxy's rebalance calls on a node.
 //!
-//! Reads (changes, scan, count, fetch) run on a reader; capture, apply, purge and fences on
+//! Reads (changes, scan, count, fetch, tally) run on a reader; capture, apply, purge and fences on
 //! the writer thread, each alone, as one transaction.
 
 use axum::extract::State;
@@ -17,8 +17,8 @@ use crate::transfer::{
     self, ApplyRequest, ApplyResponse, CaptureResponse, ChangesRequest, ChangesResponse,
     CountRequest, CountResponse, DEFAULT_CHANGES_LIMIT, DEFAULT_PURGE_LIMIT, DEFAULT_SCAN_LIMIT,
     FencesResponse, FetchRequest, FetchResponse, MAX_CHANGES_LIMIT, MAX_FETCH_KEYS,
-    MAX_PURGE_LIMIT, MAX_SCAN_LIMIT, PurgeRequest, PurgeResponse, PutFencesRequest,
-    PutFencesResponse, ScanRequest, ScanResponse,
+    MAX_PURGE_LIMIT, MAX_SCAN_LIMIT, PurgeCursor, PurgeFrom, PurgeRequest, PurgeResponse,
+    PutFencesRequest, PutFencesResponse, ScanRequest, ScanResponse, TallyRequest, TallyResponse,
 };
 
 pub(super) fn routes() -> Router<NodeState> {
@@ -30,6 +30,7 @@ pub(super) fn routes() -> Router<NodeState> {
         .route("/v1/transfer/fetch", post(fetch))
         .route("/v1/transfer/apply", post(apply))
         .route("/v1/transfer/purge", post(purge))
+        .route("/v1/transfer/tally", post(tally))
         .route(
             "/v1/transfer/fences",
             get(list_fences).put(put_fences).delete(delete_fences),
@@ -138,8 +139,45 @@ async fn purge(
 ) -> Result<Json<PurgeResponse>, NodeError> {
     let ranges = Ranges::new(&request.ranges)?;
     let limit = transfer::page_limit(request.limit, DEFAULT_PURGE_LIMIT, MAX_PURGE_LIMIT)?;
+    let after = match request.after {
+        None => None,
+        Some(PurgeCursor {
+            table,
+            rowid: Some(rowid),
+            key: None,
+        }) => Some((table, PurgeFrom::Rowid(rowid))),
+        Some(PurgeCursor {
+            table,
+            rowid: None,
+            key: Some(key),
+        }) => Some((table, PurgeFrom::Key(transfer::stored_key(&key)?))),
+        Some(_) => {
+            return Err(NodeError::InvalidRequest(
+                "\"after\" names a table and one of \"rowid\" or \"key\"".into(),
+            ));
+        }
+    };
     let response = state
-        .write(move |state, conn| transfer::purge(conn, &state.schema(), &ranges, limit))
+        .write(move |state, conn| {
+            let after = after.as_ref().map(|(t, from)| (t.as_str(), from.clone()));
+            transfer::purge(conn, &state.schema(), &ranges, limit, after)
+        })
+        .await?;
+    Ok(Json(response))
+}
+
+/// The source's side of the count check before the fence: counts and logged rows in one
+/// snapshot.
+async fn tally(
+    State(state): State<NodeState>,
+    JsonBody(request): JsonBody<TallyRequest>,
+) -> Result<Json<TallyResponse>, NodeError> {
+    Ranges::new(&request.ranges)?;
+    let limit = transfer::page_limit(request.limit, DEFAULT_CHANGES_LIMIT, MAX_CHANGES_LIMIT)?;
+    let response = state
+        .read(move |state, conn| {
+            transfer::tally(conn, &state.schema(), request.after, &request.ranges, limit)
+        })
         .await?;
     Ok(Json(response))
 }

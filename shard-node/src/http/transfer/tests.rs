@@ -868,3 +868,219 @@ async fn purge_deletes_only_rows_in_range_in_pages() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+/// The rows of `[(table, key)]` that `/v1/transfer/count` would count in `range`.
+fn keys_in(keys: &[(&str, String)], range: (u32, u32)) -> usize {
+    keys.iter().filter(|(_, k)| in_range(k, range)).count()
+}
+
+#[tokio::test]
+async fn purge_walks_each_table_once_from_its_cursor() {
+    let node = TestNode::new().await;
+    // A WITHOUT ROWID table and one whose columns shadow every rowid alias go by key; the
+    // others by rowid.
+    let extra = json!({ "migrations": [
+        { "version": 3, "name": "tags",
+          "sql": "CREATE TABLE tags (name TEXT PRIMARY KEY, n INTEGER) WITHOUT ROWID;" },
+        { "version": 4, "name": "shadow",
+          "sql": "CREATE TABLE shadow (id TEXT PRIMARY KEY, rowid INT, oid INT, _rowid_ INT);" },
+    ]});
+    ok(&node, "POST", "/v1/migrations", Some(extra)).await;
+    counters(&node, 40).await;
+    let mut keys: Vec<(&str, String)> = (1..=40).map(|i| ("counters", i.to_string())).collect();
+    for table in ["users", "tags", "shadow"] {
+        let column = if table == "tags" { "name" } else { "id" };
+        let rows: Vec<Value> = (1..=20)
+            .map(|i| json!({ column: format!("{table}{i}") }))
+            .collect();
+        ok(
+            &node,
+            "POST",
+            &format!("/v1/tables/{table}/rows"),
+            Some(json!({ "rows": rows })),
+        )
+        .await;
+        keys.extend((1..=20).map(|i| (table, format!("{table}{i}"))));
+    }
+    let doomed = keys_in(&keys, LOW);
+    assert!(doomed > 20);
+
+    let mut after = Value::Null;
+    let mut calls = 0;
+    let mut deleted = 0;
+    let mut cursors = Vec::new();
+    loop {
+        let body = ok(
+            &node,
+            "POST",
+            "/v1/transfer/purge",
+            Some(json!({"ranges": [[LOW.0, LOW.1]], "limit": 3, "after": after})),
+        )
+        .await;
+        calls += 1;
+        deleted += body["deleted"].as_u64().unwrap();
+        if body["done"] == true {
+            assert!(body.get("next").is_none(), "{body}");
+            break;
+        }
+        assert_eq!(body["deleted"], 3, "{body}");
+        after = body["next"].clone();
+        cursors.push(after.clone());
+    }
+    assert_eq!(deleted, doomed as u64);
+    assert_eq!(calls, doomed.div_ceil(3), "each page is full but the last");
+    // Tables in name order; rowid cursors where there is a rowid, key cursors elsewhere.
+    let walked: Vec<(String, bool)> = cursors
+        .iter()
+        .map(|c| {
+            (
+                c["table"].as_str().unwrap().to_owned(),
+                c.get("rowid").is_some(),
+            )
+        })
+        .collect();
+    let mut seen: Vec<(String, bool)> = walked.clone();
+    seen.dedup();
+    let expected: Vec<(String, bool)> = [
+        ("counters", true),
+        ("shadow", false),
+        ("tags", false),
+        ("users", true),
+    ]
+    .into_iter()
+    .map(|(t, r)| (t.to_owned(), r))
+    .filter(|(t, _)| seen.iter().any(|(s, _)| s == t))
+    .collect();
+    assert_eq!(seen, expected, "{cursors:?}");
+    let body = ok(
+        &node,
+        "POST",
+        "/v1/transfer/count",
+        Some(json!({"ranges": [[LOW.0, LOW.1], [HIGH.0, HIGH.1]]})),
+    )
+    .await;
+    assert_eq!(
+        body["counts"],
+        json!([0, keys_in(&keys, HIGH)]),
+        "only rows in range are gone"
+    );
+    // A cursor names one way to continue, not two.
+    let (status, _) = node
+        .call(
+            "POST",
+            "/v1/transfer/purge",
+            Some(json!({"ranges": [[0, 1]], "after": {"table": "users", "rowid": 1, "key": "a"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn tally_counts_and_returns_logged_rows_from_one_snapshot() {
+    let node = TestNode::new().await;
+    let body = ok(
+        &node,
+        "POST",
+        "/v1/transfer/tally",
+        Some(json!({"ranges": [[LOW.0, LOW.1]]})),
+    )
+    .await;
+    assert_eq!(body["capturing"], false, "{body}");
+
+    let names: Vec<String> = (1..=30).map(|i| format!("u{i}")).collect();
+    let rows: Vec<Value> = names.iter().map(|k| json!({"id": k})).collect();
+    ok(
+        &node,
+        "POST",
+        "/v1/tables/users/rows",
+        Some(json!({"rows": rows})),
+    )
+    .await;
+    let start = capture_on(&node).await;
+    let low: Vec<&String> = names.iter().filter(|k| in_range(k, LOW)).collect();
+    let high: Vec<&String> = names.iter().filter(|k| in_range(k, HIGH)).collect();
+    assert!(low.len() >= 3 && !high.is_empty());
+    // After capture: update one low key twice, delete another, add a new one; touch a high key.
+    for name in ["a", "b"] {
+        ok(
+            &node,
+            "PUT",
+            &format!("/v1/tables/users/rows/{}", low[0]),
+            Some(json!({"name": name})),
+        )
+        .await;
+    }
+    ok(
+        &node,
+        "DELETE",
+        &format!("/v1/tables/users/rows/{}", low[1]),
+        None,
+    )
+    .await;
+    let fresh = (100..)
+        .map(|i| format!("n{i}"))
+        .find(|k| in_range(k, LOW))
+        .unwrap();
+    ok(
+        &node,
+        "PUT",
+        &format!("/v1/tables/users/rows/{fresh}"),
+        Some(json!({"name": "new"})),
+    )
+    .await;
+    ok(
+        &node,
+        "PUT",
+        &format!("/v1/tables/users/rows/{}", high[0]),
+        Some(json!({"name": "high"})),
+    )
+    .await;
+
+    let body = ok(
+        &node,
+        "POST",
+        "/v1/transfer/tally",
+        Some(json!({"after": start, "ranges": [[LOW.0, LOW.1], [0, u32::MAX]]})),
+    )
+    .await;
+    assert_eq!(body["capturing"], true, "{body}");
+    assert_eq!(body["complete"], true, "{body}");
+    assert_eq!(body["max_seq"], start + 5, "{body}");
+    // low − 1 deleted + 1 new; everything: 30 − 1 + 1.
+    assert_eq!(body["counts"], json!([low.len(), 30]), "{body}");
+    let row = |id: &str, name: &str| json!({"id": id, "name": name, "email": null, "age": null, "data": null});
+    // Every logged key of the ranges once, in log order, as it is now (the second range is
+    // the whole ring, so the high key is in too).
+    assert_eq!(
+        body["keys"],
+        json!([
+            {"table": "users", "key": low[0], "row": row(low[0], "b")},
+            {"table": "users", "key": low[1], "row": null},
+            {"table": "users", "key": fresh, "row": row(&fresh, "new")},
+            {"table": "users", "key": high[0], "row": row(high[0], "high")},
+        ]),
+        "{body}"
+    );
+    // Only the low range: the high key is left out.
+    let body = ok(
+        &node,
+        "POST",
+        "/v1/transfer/tally",
+        Some(json!({"after": start, "ranges": [[LOW.0, LOW.1]]})),
+    )
+    .await;
+    assert_eq!(body["keys"].as_array().unwrap().len(), 3, "{body}");
+    // More changes than the limit: nothing but the position.
+    let body = ok(
+        &node,
+        "POST",
+        "/v1/transfer/tally",
+        Some(json!({"after": start, "ranges": [[LOW.0, LOW.1]], "limit": 4})),
+    )
+    .await;
+    assert_eq!(
+        body,
+        json!({"capturing": true, "complete": false, "max_seq": start + 5,
+               "counts": [], "keys": []})
+    );
+}
