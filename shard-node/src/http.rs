@@ -130,24 +130,48 @@ where
     type Rejection = NodeError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, NodeError> {
-        if !json_content_type(req.headers()) {
-            // axum's own extractor answers with the usual rejection.
-            let Json(value) = Json::<T>::from_request(req, state).await?;
-            return Ok(JsonBody(value));
-        }
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| NodeError::InvalidJson(e.into()))?;
+        let JsonBytes(bytes, _) = JsonBytes::<T>::from_request(req, state).await?;
         // serde_json directly: axum's extractor tracks the path of every value it reads (for
         // its error message), which cost more than the parse itself on a batch of rows. Only
         // a body that fails is read again by axum, for that message.
         match serde_json::from_slice(&bytes) {
             Ok(value) => Ok(JsonBody(value)),
-            Err(_) => {
-                let Json(value) = Json::<T>::from_bytes(&bytes)?;
-                Ok(JsonBody(value))
-            }
+            Err(_) => Err(json_rejection::<T>(&bytes)),
         }
+    }
+}
+
+/// The bytes of a body labelled as JSON (and within the size limit), not parsed yet. `T` is
+/// what the body should hold: a body that is not labelled as JSON gets axum's rejection for it.
+struct JsonBytes<T>(axum::body::Bytes, std::marker::PhantomData<T>);
+
+impl<S, T> FromRequest<S> for JsonBytes<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = NodeError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, NodeError> {
+        if !json_content_type(req.headers()) {
+            // axum's own extractor answers with the usual rejection.
+            let _accepted: Json<T> = Json::<T>::from_request(req, state).await?;
+            return Err(NodeError::InvalidRequest(
+                "the body must be JSON (content-type: application/json)".into(),
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| NodeError::InvalidJson(e.into()))?;
+        Ok(JsonBytes(bytes, std::marker::PhantomData))
+    }
+}
+
+/// The error for a body that does not parse as `T`: axum's, which names where in the body.
+fn json_rejection<T: DeserializeOwned>(bytes: &[u8]) -> NodeError {
+    match Json::<T>::from_bytes(bytes) {
+        Err(rejection) => rejection.into(),
+        Ok(_) => NodeError::InvalidRequest("the body could not be read".into()),
     }
 }
 
@@ -256,16 +280,17 @@ async fn delete_row(
 async fn upsert_rows(
     State(state): State<NodeState>,
     PathParams(table): PathParams<String>,
-    JsonBody(request): JsonBody<UpsertRowsRequest>,
+    JsonBytes(body, _): JsonBytes<UpsertRowsRequest>,
 ) -> Result<Json<UpsertRowsResponse>, NodeError> {
     let table = state.table(&table)?;
-    // Every row is checked before anything is written.
-    let valid = request
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(index, row)| rows::validate(&table, row, None, index))
-        .collect::<Result<Vec<_>, _>>()?;
+    // Every row is checked, as it is read, before anything is written.
+    let valid = match rows::batch::parse(&table, &body) {
+        Ok(valid) => valid,
+        Err(rows::batch::Unread::Refused(refusal)) => return Err(refusal),
+        Err(rows::batch::Unread::NotABatch) => {
+            return Err(json_rejection::<UpsertRowsRequest>(&body));
+        }
+    };
     // If any row's key is fenced, the whole batch is refused.
     let keys = valid
         .iter()

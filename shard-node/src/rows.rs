@@ -14,6 +14,8 @@ use crate::key::ShardKey;
 use crate::schema::{TableSchema, quote};
 use crate::value::{json_to_sql, sql_to_json};
 
+pub(crate) mod batch;
+
 /// `PUT /v1/tables/{table}/rows/{key}` answer.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct PutRowResponse {
@@ -90,41 +92,86 @@ pub(crate) fn validate(
             None => format!("row {index} must be a JSON object of column values"),
         }));
     };
-    let mut body_key = None;
-    let mut values = Vec::with_capacity(fields.len());
+    let mut row = RowBuilder::with_capacity(fields.len());
     for (name, value) in fields {
+        row.field(table, name, value, json_to_sql)?;
+    }
+    row.finish(table, path_key, index)
+}
+
+/// A row being checked field by field: for [`validate`], and for batches read straight from
+/// their JSON text ([`batch`]).
+pub(crate) struct RowBuilder {
+    body_key: Option<ShardKey>,
+    values: Vec<(usize, SqlValue)>,
+}
+
+impl RowBuilder {
+    pub(crate) fn with_capacity(fields: usize) -> RowBuilder {
+        RowBuilder {
+            body_key: None,
+            values: Vec::with_capacity(fields),
+        }
+    }
+
+    /// One field: a known column, and a storable value (`convert` turns it into SQLite's).
+    /// A column named twice keeps its last value, as a JSON object does.
+    pub(crate) fn field<V>(
+        &mut self,
+        table: &TableSchema,
+        name: &str,
+        value: V,
+        convert: impl FnOnce(V) -> Result<SqlValue, crate::value::ValueError>,
+    ) -> Result<(), NodeError>
+    where
+        V: std::borrow::Borrow<Value>,
+    {
         let Some(position) = table.columns.iter().position(|c| c == name) else {
             return Err(NodeError::UnknownColumn {
                 table: table.name.clone(),
-                column: name.clone(),
+                column: name.to_owned(),
             });
         };
-        if *name == table.key {
-            let key = ShardKey::from_json(value, table.key_affinity)?;
-            if let Some(path_key) = path_key.filter(|p| **p != key) {
+        if name == table.key {
+            self.body_key = Some(ShardKey::from_json(value.borrow(), table.key_affinity)?);
+            return Ok(());
+        }
+        let value = convert(value)?;
+        match self.values.iter_mut().find(|(p, _)| *p == position) {
+            Some(slot) => slot.1 = value,
+            None => self.values.push((position, value)),
+        }
+        Ok(())
+    }
+
+    /// The checked row: its key agrees with `path_key` (PUT) or is present (batch row `index`).
+    pub(crate) fn finish(
+        self,
+        table: &TableSchema,
+        path_key: Option<&ShardKey>,
+        index: usize,
+    ) -> Result<ValidRow, NodeError> {
+        let key = match (path_key, self.body_key) {
+            (Some(path_key), Some(body_key)) if *path_key != body_key => {
                 return Err(NodeError::KeyMismatch {
                     column: table.key.clone(),
                     path: path_key.to_string(),
-                    body: key.to_string(),
+                    body: body_key.to_string(),
                 });
             }
-            body_key = Some(key);
-        } else {
-            values.push((position, json_to_sql(value)?));
-        }
+            (Some(key), _) => key.clone(),
+            (None, Some(key)) => key,
+            (None, None) => {
+                return Err(NodeError::MissingKey {
+                    index,
+                    column: table.key.clone(),
+                });
+            }
+        };
+        let mut values = self.values;
+        values.sort_by_key(|(position, _)| *position);
+        Ok(ValidRow { key, values })
     }
-    let key = match (path_key, body_key) {
-        (Some(key), _) => key.clone(),
-        (None, Some(key)) => key,
-        (None, None) => {
-            return Err(NodeError::MissingKey {
-                index,
-                column: table.key.clone(),
-            });
-        }
-    };
-    values.sort_by_key(|(position, _)| *position);
-    Ok(ValidRow { key, values })
 }
 
 /// `INSERT ... ON CONFLICT (key) DO UPDATE SET` the named columns only.

@@ -54,6 +54,15 @@ pub fn json_to_sql(v: &Value) -> Result<SqlValue, ValueError> {
     })
 }
 
+/// [`json_to_sql`], taking the value: a string moves into SQLite's value instead of being
+/// copied.
+pub fn json_into_sql(v: Value) -> Result<SqlValue, ValueError> {
+    match v {
+        Value::String(s) => Ok(SqlValue::Text(s)),
+        other => json_to_sql(&other),
+    }
+}
+
 /// The JSON value for a SQLite value.
 pub fn sql_to_json(v: ValueRef<'_>) -> Value {
     match v {
