@@ -142,10 +142,11 @@ struct Pending {
 
 /// Exchanges in flight per node for reads, and for writes. Operations that arrive while all
 /// are busy wait and leave together in the next one, so fewer exchanges make larger sets.
-/// Measured with 64 client connections over 3 nodes (docs/bench.md): 2 read exchanges cost
-/// the proxy and nodes together 70 µs of CPU per GET against 82 with 4 and 100 with 8. Writes
+/// Measured with the bench (64 client connections over 3 nodes): 2 read exchanges cost the
+/// proxy and nodes together 70 µs of CPU per GET against 82 with 4 and 100 with 8. Writes
 /// share one writer thread per node whose group commit takes what is queued anyway: one
-/// exchange at a time lets the next set gather while the node syncs.
+/// exchange at a time lets the next set gather while the node syncs (2 gave the same PUT rate
+/// within the noise, at more CPU).
 const READ_EXCHANGES: usize = 2;
 const WRITE_EXCHANGES: usize = 1;
 /// The most bytes of operation bodies one exchange gathers (it always takes at least one).
@@ -276,16 +277,10 @@ impl Upstream {
 
 /// Serves one lane: takes what is waiting whenever an exchange is free, and sends it.
 async fn lane(client: Arc<Client>, key: LaneKey, mut waiting: mpsc::UnboundedReceiver<Pending>) {
-    let exp = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let exchanges = Arc::new(Semaphore::new(if key.writes {
-        exp("EXP_WS", WRITE_EXCHANGES)
+        WRITE_EXCHANGES
     } else {
-        exp("EXP_RS", READ_EXCHANGES)
+        READ_EXCHANGES
     }));
     let key = Arc::new(key);
     loop {
