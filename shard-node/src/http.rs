@@ -225,8 +225,7 @@ async fn put_row(
     PathParams((table, key)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<PutRowResponse>, NodeError> {
-    let table = state.table(&table)?;
-    let key = ShardKey::from_text(&key, table.key_affinity)?;
+    let (table, key) = row_key(&state, &table, &key)?;
     let row = rows::validate(&table, &body, Some(&key), 0)?;
     let name = table.name.clone();
     state
@@ -267,8 +266,7 @@ async fn delete_row(
     State(state): State<NodeState>,
     PathParams((table, key)): PathParams<(String, String)>,
 ) -> Result<Json<DeleteRowResponse>, NodeError> {
-    let table = state.table(&table)?;
-    let key = ShardKey::from_text(&key, table.key_affinity)?;
+    let (table, key) = row_key(&state, &table, &key)?;
     let deleted = state
         .client_write(vec![key.routing_text().into_owned()], 1, move |conn| {
             rows::delete(conn, &table, &key)

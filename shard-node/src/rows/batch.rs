@@ -31,10 +31,10 @@ pub(crate) enum Unread {
 pub(crate) fn parse(table: &TableSchema, body: &[u8]) -> Result<Vec<ValidRow>, Unread> {
     let refusal = RefCell::new(None);
     let mut reader = serde_json::Deserializer::from_slice(body);
-    let read = BodySeed {
+    let read = BodySeed(Batch {
         table,
         refusal: &refusal,
-    }
+    })
     .deserialize(&mut reader)
     .and_then(|rows| reader.end().map(|()| rows));
     match (read, refusal.into_inner()) {
@@ -44,16 +44,23 @@ pub(crate) fn parse(table: &TableSchema, body: &[u8]) -> Result<Vec<ValidRow>, U
     }
 }
 
-/// Aborts the parse after storing the refusal (the first one wins: nothing runs after it).
-fn refuse<E: de::Error>(refusal: &RefCell<Option<NodeError>>, error: NodeError) -> E {
-    refusal.borrow_mut().get_or_insert(error);
-    E::custom("a row was refused")
-}
-
-struct BodySeed<'a> {
+/// What every level of the parse needs: the table, and where a refusal is kept.
+#[derive(Clone, Copy)]
+struct Batch<'a> {
     table: &'a TableSchema,
     refusal: &'a RefCell<Option<NodeError>>,
 }
+
+impl Batch<'_> {
+    /// Aborts the parse after storing the refusal (the first one wins: nothing runs after it).
+    fn refuse<E: de::Error>(self, error: NodeError) -> E {
+        self.refusal.borrow_mut().get_or_insert(error);
+        E::custom("a row was refused")
+    }
+}
+
+/// The body: an object with a `rows` array.
+struct BodySeed<'a>(Batch<'a>);
 
 impl<'de> DeserializeSeed<'de> for BodySeed<'_> {
     type Value = Vec<ValidRow>;
@@ -81,19 +88,14 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
             if rows.is_some() {
                 return Err(de::Error::duplicate_field("rows"));
             }
-            rows = Some(map.next_value_seed(RowsSeed {
-                table: self.table,
-                refusal: self.refusal,
-            })?);
+            rows = Some(map.next_value_seed(RowsSeed(self.0))?);
         }
         rows.ok_or_else(|| de::Error::missing_field("rows"))
     }
 }
 
-struct RowsSeed<'a> {
-    table: &'a TableSchema,
-    refusal: &'a RefCell<Option<NodeError>>,
-}
+/// The `rows` array.
+struct RowsSeed<'a>(Batch<'a>);
 
 impl<'de> DeserializeSeed<'de> for RowsSeed<'_> {
     type Value = Vec<ValidRow>;
@@ -114,8 +116,7 @@ impl<'de> Visitor<'de> for RowsSeed<'_> {
         let mut rows = Vec::with_capacity(seq.size_hint().unwrap_or(0));
         loop {
             let seed = RowSeed {
-                table: self.table,
-                refusal: self.refusal,
+                batch: self.0,
                 index: rows.len(),
             };
             match seq.next_element_seed(seed)? {
@@ -126,16 +127,16 @@ impl<'de> Visitor<'de> for RowsSeed<'_> {
     }
 }
 
+/// One row, the `index`th.
 struct RowSeed<'a> {
-    table: &'a TableSchema,
-    refusal: &'a RefCell<Option<NodeError>>,
+    batch: Batch<'a>,
     index: usize,
 }
 
 impl RowSeed<'_> {
     fn not_an_object<E: de::Error>(self) -> E {
         let message = format!("row {} must be a JSON object of column values", self.index);
-        refuse(self.refusal, NodeError::InvalidRequest(message))
+        self.batch.refuse(NodeError::InvalidRequest(message))
     }
 }
 
@@ -155,15 +156,16 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut row = RowBuilder::with_capacity(self.table.columns.len());
+        let Batch { table, .. } = self.batch;
+        let mut row = RowBuilder::with_capacity(table.columns.len());
         while let Some(name) = map.next_key::<Name<'de>>()? {
             let value: Value = map.next_value()?;
-            if let Err(e) = row.field(self.table, name.as_str(), value, json_into_sql) {
-                return Err(refuse(self.refusal, e));
+            if let Err(e) = row.field(table, name.as_str(), value, json_into_sql) {
+                return Err(self.batch.refuse(e));
             }
         }
-        row.finish(self.table, None, self.index)
-            .map_err(|e| refuse(self.refusal, e))
+        row.finish(table, None, self.index)
+            .map_err(|e| self.batch.refuse(e))
     }
 
     // Anything but an object: the same refusal as a batch of JSON values gets.
