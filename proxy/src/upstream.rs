@@ -24,6 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+/// The content type of every body but a set of row operations.
+const JSON: &str = "application/json";
+
 /// The header a node sets on a write it refused because the key's range is moving.
 pub const FENCED_HEADER: &str = "x-shardlite-fenced";
 
@@ -190,18 +193,12 @@ impl Upstream {
         path: &str,
         body: Option<Bytes>,
     ) -> ProxyResult<Reply> {
-        self.inner
-            .call(
-                who,
-                method,
-                base_url,
-                path,
-                body,
-                self.inner.config.request_timeout,
-            )
+        let timeout = self.inner.config.request_timeout;
+        self.call_with_timeout(who, method, base_url, path, body, timeout)
             .await
     }
 
+    /// [`Upstream::call`] with a time limit of its own (health checks, migrations).
     pub async fn call_with_timeout(
         &self,
         who: &str,
@@ -212,7 +209,14 @@ impl Upstream {
         timeout: Duration,
     ) -> ProxyResult<Reply> {
         self.inner
-            .call(who, method, base_url, path, body, timeout)
+            .call(
+                who,
+                method,
+                base_url,
+                path,
+                body.map(|b| (b, JSON)),
+                timeout,
+            )
             .await
     }
 
@@ -237,16 +241,13 @@ impl Upstream {
         };
         let sent = {
             let mut lanes = self.lanes.lock().expect("the lane map is never poisoned");
-            let lanes = match lanes.get_mut(base_url) {
-                // A URL now served by another node id starts afresh (the old lanes finish what
-                // they hold, then end).
-                Some(found) if found.node == who => found,
-                _ => {
-                    let fresh = NodeLanes::start(&self.inner, who, base_url);
-                    lanes.insert(base_url.to_owned(), fresh);
-                    lanes.get_mut(base_url).expect("just inserted")
-                }
-            };
+            // A URL now served by another node id starts afresh (the old lanes finish what
+            // they hold, then end).
+            if lanes.get(base_url).is_none_or(|found| found.node != who) {
+                let fresh = NodeLanes::start(&self.inner, who, base_url);
+                lanes.insert(base_url.to_owned(), fresh);
+            }
+            let lanes = &lanes[base_url];
             if method == OpMethod::Get {
                 lanes.reads.send(pending)
             } else {
@@ -332,7 +333,7 @@ async fn exchange(client: &Client, key: &LaneKey, mut batch: Vec<Pending>) {
             Method::POST,
             &key.url,
             OPS_PATH,
-            Some(body),
+            Some((body, OPS_CONTENT_TYPE)),
             timeout,
         )
         .await
@@ -378,7 +379,7 @@ async fn exchange(client: &Client, key: &LaneKey, mut batch: Vec<Pending>) {
 
 /// Sends one operation as a plain request.
 async fn alone(client: &Client, key: &LaneKey, one: Pending) {
-    let body = (one.method == OpMethod::Put).then_some(one.body);
+    let body = (one.method == OpMethod::Put).then_some((one.body, JSON));
     let result = client
         .call(
             &key.node,
@@ -399,24 +400,23 @@ impl Client {
         method: Method,
         base_url: &str,
         path: &str,
-        body: Option<Bytes>,
+        body: Option<(Bytes, &'static str)>,
         timeout: Duration,
     ) -> ProxyResult<Reply> {
         let uri = format!("{base_url}{path}");
         let mut builder = Request::builder().method(method).uri(&uri);
-        if body.is_some() {
-            let content_type = if path == OPS_PATH {
-                OPS_CONTENT_TYPE
-            } else {
-                "application/json"
-            };
-            builder = builder.header(header::CONTENT_TYPE, content_type);
-        }
+        let body = match body {
+            Some((body, content_type)) => {
+                builder = builder.header(header::CONTENT_TYPE, content_type);
+                body
+            }
+            None => Bytes::new(),
+        };
         if let Some(authorization) = &self.authorization {
             builder = builder.header(header::AUTHORIZATION, authorization);
         }
         let request = builder
-            .body(Full::new(body.unwrap_or_default()))
+            .body(Full::new(body))
             .map_err(|e| ProxyError::BadRequest(format!("cannot build a request to {uri}: {e}")))?;
         let call = async {
             let response = self.client.request(request).await.map_err(|e| {
