@@ -48,3 +48,32 @@ pub fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProxyError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ProxyError::BadRequest(format!("invalid JSON body: {e}")))
 }
+
+/// `head`, the JSON texts joined by commas, then `tail`: rows forwarded as the text they came
+/// in, without a JSON tree built and serialized again.
+pub fn splice<'a>(head: &str, items: impl IntoIterator<Item = &'a str>, tail: &str) -> Bytes {
+    let mut body = head.to_owned();
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(item);
+    }
+    body.push_str(tail);
+    Bytes::from(body)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn splice_joins_raw_texts_into_valid_json() {
+        let rows = [r#"{"id":"a"}"#, r#"{"id":"b","v":[1,2]}"#];
+        let body = super::splice(r#"{"rows":["#, rows, "]}");
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            parsed,
+            serde_json::json!({"rows": [{"id": "a"}, {"id": "b", "v": [1, 2]}]})
+        );
+        assert_eq!(&super::splice("[", [], "]")[..], b"[]");
+    }
+}

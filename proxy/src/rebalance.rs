@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shardlite_node::key::ShardKey;
 use shardlite_node::schema::TableSchema;
+use shardlite_node::transfer::{ChangesResponse, CountResponse, TallyResponse};
 use shardlite_ring::{Member, NodeId, Ring, diff, hash_key};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -279,12 +280,6 @@ fn sources(topology: &Topology, next: &Ring) -> Vec<Source> {
         .collect()
 }
 
-#[derive(Deserialize)]
-struct CountResponse {
-    counts: Vec<u64>,
-    rows_total: u64,
-}
-
 /// Counts, on every node that owns data now, the rows of each outgoing range: exact, not
 /// estimated.
 async fn count(
@@ -300,18 +295,15 @@ async fn count(
     let calls = owners.iter().map(|node| async move {
         let source = sources.iter().find(|s| s.id == node.id);
         let spans = source.map(Source::spans).unwrap_or_default();
-        let body = serde_json::to_vec(&json!({ "ranges": spans })).expect("JSON serializes");
-        let counted: CountResponse = state
-            .upstream()
-            .call(
-                &node.id,
-                Method::POST,
-                &node.url,
-                "/v1/transfer/count",
-                Some(body.into()),
-            )
-            .await?
-            .json(&node.id)?;
+        let counted: CountResponse = call_as(
+            state,
+            &node.id,
+            &node.url,
+            Method::POST,
+            "/v1/transfer/count",
+            Some(json!({ "ranges": spans })),
+        )
+        .await?;
         let mut moves: BTreeMap<String, u64> = BTreeMap::new();
         if let Some(source) = source {
             for (range, n) in source.ranges.iter().zip(counted.counts) {
@@ -547,6 +539,18 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> ProxyResult<Value> {
+    call_as(state, id, url, method, path, body).await
+}
+
+/// [`call`], with the answer read as `T`.
+async fn call_as<T: serde::de::DeserializeOwned>(
+    state: &ProxyState,
+    id: &str,
+    url: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> ProxyResult<T> {
     let body = body.map(|b| serde_json::to_vec(&b).expect("JSON serializes").into());
     state
         .upstream()
@@ -769,28 +773,20 @@ async fn scan(
     table: &str,
     after: &Value,
 ) -> ProxyResult<ScanPage> {
-    let body = serde_json::to_vec(&json!({
-        "table": table,
-        "after": after,
-        "limit": COPY_PAGE,
-        "ranges": source.spans(),
-    }))
-    .expect("JSON serializes");
-    let bytes = state
-        .upstream()
-        .call(
-            &source.id,
-            Method::POST,
-            &source.url,
-            "/v1/transfer/scan",
-            Some(body.into()),
-        )
-        .await?
-        .ok(&source.id)?;
-    serde_json::from_slice(&bytes).map_err(|e| ProxyError::BadNodeAnswer {
-        node: source.id.clone(),
-        reason: e.to_string(),
-    })
+    call_as(
+        state,
+        &source.id,
+        &source.url,
+        Method::POST,
+        "/v1/transfer/scan",
+        Some(json!({
+            "table": table,
+            "after": after,
+            "limit": COPY_PAGE,
+            "ranges": source.spans(),
+        })),
+    )
+    .await
 }
 
 /// Upserts a page of scanned rows on their targets.
@@ -806,17 +802,11 @@ async fn apply_page(
     let targets = source.targets();
     if let [target] = targets.as_slice() {
         // Every row of this source goes to one node: splice the rows through untouched.
-        let mut body = format!(
+        let head = format!(
             "{{\"table\":{},\"deletes\":[],\"upserts\":[",
             serde_json::to_string(&table.name).expect("a string serializes")
         );
-        for (i, row) in rows.iter().enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
-            body.push_str(row.get());
-        }
-        body.push_str("]}");
+        let body = crate::body::splice(&head, rows.iter().map(|r| r.get()), "]}");
         return moving
             .state
             .upstream()
@@ -825,7 +815,7 @@ async fn apply_page(
                 Method::POST,
                 moving.url(target)?,
                 "/v1/transfer/apply",
-                Some(body.into()),
+                Some(body),
             )
             .await?
             .ok(target)
@@ -898,19 +888,6 @@ async fn copy_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
     Ok(())
 }
 
-#[derive(Deserialize)]
-struct Change {
-    seq: i64,
-    table: String,
-    key: Value,
-}
-
-#[derive(Deserialize)]
-struct ChangesPage {
-    changes: Vec<Change>,
-    capturing: bool,
-}
-
 /// The source's change log is gone (its file was replaced?): what changed since the copy is
 /// unknown, so this source starts over: capture, purge the targets, copy.
 fn restart_source(moving: &Moving<'_>, s: usize) -> ProxyError {
@@ -935,21 +912,15 @@ async fn catch_up(moving: &Moving<'_>, s: usize, drain: bool) -> ProxyResult<()>
     let state = moving.state;
     loop {
         let source = moving.source(s);
-        let page: ChangesPage = serde_json::from_value(
-            call(
-                state,
-                &source.id,
-                &source.url,
-                Method::POST,
-                "/v1/transfer/changes",
-                Some(json!({ "after": source.applied_seq, "limit": CHANGES_PAGE })),
-            )
-            .await?,
+        let page: ChangesResponse = call_as(
+            state,
+            &source.id,
+            &source.url,
+            Method::POST,
+            "/v1/transfer/changes",
+            Some(json!({ "after": source.applied_seq, "limit": CHANGES_PAGE })),
         )
-        .map_err(|e| ProxyError::BadNodeAnswer {
-            node: source.id.clone(),
-            reason: e.to_string(),
-        })?;
+        .await?;
         if !page.capturing {
             return Err(restart_source(moving, s));
         }
@@ -1029,23 +1000,6 @@ async fn apply_current(
     Ok(())
 }
 
-/// The source's answer to `/v1/transfer/tally`.
-#[derive(Deserialize)]
-struct Tally {
-    capturing: bool,
-    complete: bool,
-    max_seq: i64,
-    counts: Vec<u64>,
-    keys: Vec<TalliedKey>,
-}
-
-#[derive(Deserialize)]
-struct TalliedKey {
-    table: String,
-    key: Value,
-    row: Option<Value>,
-}
-
 /// The count check of one source, made while client writes go on (outside the fence).
 ///
 /// In one read snapshot at log position S, the source counts its outgoing ranges and returns
@@ -1059,23 +1013,15 @@ async fn check_counts(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
     loop {
         let source = moving.source(s);
         let spans = &asks[&source.id].0;
-        let tally: Tally = serde_json::from_value(
-            call(
-                state,
-                &source.id,
-                &source.url,
-                Method::POST,
-                "/v1/transfer/tally",
-                Some(
-                    json!({ "after": source.applied_seq, "ranges": spans, "limit": CHANGES_PAGE }),
-                ),
-            )
-            .await?,
+        let tally: TallyResponse = call_as(
+            state,
+            &source.id,
+            &source.url,
+            Method::POST,
+            "/v1/transfer/tally",
+            Some(json!({ "after": source.applied_seq, "ranges": spans, "limit": CHANGES_PAGE })),
         )
-        .map_err(|e| ProxyError::BadNodeAnswer {
-            node: source.id.clone(),
-            reason: e.to_string(),
-        })?;
+        .await?;
         if !tally.capturing {
             return Err(restart_source(moving, s));
         }
@@ -1089,7 +1035,7 @@ async fn check_counts(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
         for tallied in tally.keys {
             let entry = per_table.entry(tallied.table).or_default();
             match tallied.row {
-                Some(row) => entry.0.push(row),
+                Some(row) => entry.0.push(Value::Object(row)),
                 None => entry.1.push(tallied.key),
             }
         }
@@ -1105,7 +1051,7 @@ async fn check_counts(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
                 if let Some(counts) = source_counts {
                     return Ok(counts);
                 }
-                let counted = call(
+                let counted: CountResponse = call_as(
                     state,
                     node,
                     moving.url(node)?,
@@ -1114,12 +1060,7 @@ async fn check_counts(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
                     Some(json!({ "ranges": spans })),
                 )
                 .await?;
-                Ok::<_, ProxyError>(
-                    counted["counts"]
-                        .as_array()
-                        .map(|c| c.iter().filter_map(Value::as_u64).collect())
-                        .unwrap_or_default(),
-                )
+                Ok::<_, ProxyError>(counted.counts)
             }
         });
         let answers = futures::future::join_all(counts)

@@ -231,21 +231,6 @@ fn batch_row_key(schema: &TableSchema, index: usize, row: &RawValue) -> ProxyRes
         .map_err(|e| ProxyError::BadRequest(format!("rows[{index}]: invalid key: {e}")))
 }
 
-/// `{"rows":[...]}` of raw rows.
-fn batch_body(rows: &[&RawValue]) -> Bytes {
-    let size = rows.iter().map(|r| r.get().len() + 1).sum::<usize>() + 11;
-    let mut body = Vec::with_capacity(size);
-    body.extend_from_slice(b"{\"rows\":[");
-    for (i, row) in rows.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(row.get().as_bytes());
-    }
-    body.extend_from_slice(b"]}");
-    Bytes::from(body)
-}
-
 async fn upsert_rows(
     State(state): State<ProxyState>,
     path: Result<Path<String>, PathRejection>,
@@ -291,7 +276,7 @@ async fn upsert_rows(
             group.2.push(routing);
         }
         let calls = groups.into_values().map(|(node, rows, keys)| {
-            let body = batch_body(&rows);
+            let body = crate::body::splice("{\"rows\":[", rows.iter().map(|r| r.get()), "]}");
             let path = &path;
             let state = &state;
             async move {
