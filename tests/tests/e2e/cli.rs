@@ -1,6 +1,9 @@
 //! The `shardlite` binary against a real proxy process.
 
-use shardlite_tests::{Spawned, sample_migrations, shardlite_bin, spawn_nodes};
+use serde_json::Value;
+use shardlite_tests::{
+    Client, Spawned, preload_users, sample_migrations, shardlite_bin, spawn_nodes,
+};
 use std::process::Command;
 
 fn shardlite(args: &[&str]) -> (i32, String, String) {
@@ -16,11 +19,9 @@ fn shardlite(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[test]
-fn status_verify_and_migrate_work_against_a_proxy_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = spawn_nodes(dir.path(), 2, &[]);
-    let state = dir.path().join("proxy.db");
+/// A proxy process over `nodes`, named n1, n2, ... in order.
+fn spawn_proxy(dir: &std::path::Path, nodes: &[Spawned]) -> Spawned {
+    let state = dir.join("proxy.db");
     let mut args = vec![
         "proxy".to_owned(),
         "--listen".into(),
@@ -32,7 +33,21 @@ fn status_verify_and_migrate_work_against_a_proxy_process() {
         args.push("--node".into());
         args.push(format!("n{}={}", i + 1, n.url));
     }
-    let proxy = Spawned::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    Spawned::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Runs the command, asserts exit 0, and reads its `--json` output.
+fn shardlite_json(args: &[&str]) -> Value {
+    let (code, out, err) = shardlite(args);
+    assert_eq!(code, 0, "shardlite {args:?}: {out}{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("shardlite {args:?}: {e}: {out}"))
+}
+
+#[test]
+fn status_verify_and_migrate_work_against_a_proxy_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = spawn_nodes(dir.path(), 2, &[]);
+    let proxy = spawn_proxy(dir.path(), &nodes);
     let url = proxy.url.as_str();
     let migrations = sample_migrations();
 
@@ -74,5 +89,233 @@ fn status_verify_and_migrate_work_against_a_proxy_process() {
     assert!(
         err.contains("cannot reach the proxy") && err.contains("--proxy"),
         "{err}"
+    );
+}
+
+/// The membership and rebalance commands as the contract names them: `nodes add/list/remove`,
+/// `rebalance --dry-run` (an exact plan that moves nothing), `rebalance --no-wait`, a waiting
+/// `rebalance`, and `verify`, which exits 1 when a row is not on its owner.
+#[test]
+fn nodes_rebalance_and_verify_commands_drive_a_membership_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = spawn_nodes(dir.path(), 3, &[]);
+    let proxy = spawn_proxy(dir.path(), &nodes);
+    let url = proxy.url.as_str();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = Client::new(url);
+    let (code, out, err) = shardlite(&[
+        "migrate",
+        "--dir",
+        sample_migrations().to_str().unwrap(),
+        "--proxy",
+        url,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    runtime.block_on(preload_users(&client, "cli", 3000));
+    let rows_of = |node_url: &str| -> u64 {
+        runtime.block_on(async {
+            let (_, stats) = Client::new(node_url).get("/v1/stats").await;
+            stats["rows"].as_u64().unwrap()
+        })
+    };
+
+    let n4_db = dir.path().join("n4.db");
+    let n4 = Spawned::start(&[
+        "node",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        n4_db.to_str().unwrap(),
+    ]);
+    let (code, out, err) = shardlite(&["nodes", "add", "n4", &n4.url, "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("owns nothing until"), "{out}");
+    let listed = shardlite_json(&["nodes", "list", "--proxy", url, "--json"]);
+    let n4_state = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "n4")
+        .map(|n| n["state"].clone());
+    assert_eq!(n4_state, Some("joining".into()), "{listed}");
+
+    // The plan: counted, everything to n4, and nothing moved by asking.
+    let plan = shardlite_json(&["rebalance", "--dry-run", "--proxy", url, "--json"]);
+    assert_eq!(plan["rows_total"], 3000, "{plan}");
+    let to_move = plan["rows_to_move"].as_u64().unwrap();
+    assert!(to_move > 300 && to_move < 1500, "{plan}");
+    for m in plan["moves"].as_array().unwrap() {
+        assert_eq!(m["to"], "n4", "{plan}");
+    }
+    assert_eq!(rows_of(&n4.url), 0, "a dry run moved rows");
+
+    // Started without waiting; a plain `rebalance` then waits for the job that runs (or, if it
+    // already ended, finds nothing left to move).
+    let started = shardlite_json(&["rebalance", "--no-wait", "--proxy", url, "--json"]);
+    assert!(
+        started["state"] == "running" || started["state"] == "done",
+        "{started}"
+    );
+    let (code, out, err) = shardlite(&["rebalance", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    let job = runtime.block_on(client.get("/v1/cluster/rebalance")).1;
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(
+        rows_of(&n4.url),
+        to_move,
+        "n4 holds exactly the planned rows"
+    );
+    let report = shardlite_json(&["verify", "--proxy", url, "--json"]);
+    assert_eq!(
+        (report["misplaced"].as_u64(), report["duplicates"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    // Leaving: the rows go back, then n4 leaves the topology.
+    let (code, out, err) = shardlite(&["nodes", "remove", "n4", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("is leaving"), "{out}");
+    let (code, out, err) = shardlite(&["rebalance", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rebalance done"), "{out}");
+    let listed = shardlite_json(&["nodes", "list", "--proxy", url, "--json"]);
+    assert!(
+        listed.as_array().unwrap().iter().all(|n| n["id"] != "n4"),
+        "{listed}"
+    );
+    assert_eq!(rows_of(&n4.url), 0, "the leaving node was drained");
+
+    // A row copied behind the proxy's back onto a node that does not own it: verify says so
+    // and exits 1.
+    let owner_url = runtime.block_on(async {
+        let (_, cluster) = client.get("/v1/cluster").await;
+        let owner = shardlite_tests::ring_of(&cluster)
+            .lookup("cli-0")
+            .unwrap()
+            .to_string();
+        cluster["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == owner.as_str())
+            .map(|n| n["url"].as_str().unwrap().to_owned())
+            .unwrap()
+    });
+    let stray = nodes.iter().position(|n| n.url != owner_url).unwrap();
+    let file = rusqlite::Connection::open(dir.path().join(format!("n{}.db", stray + 1))).unwrap();
+    file.busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    file.execute("INSERT INTO users (id, name) VALUES ('cli-0', 'stray')", [])
+        .unwrap();
+    let (code, out, err) = shardlite(&["verify", "--proxy", url, "--json"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["misplaced"], 1, "{report}");
+    assert_eq!(report["duplicates"], 1, "{report}");
+}
+
+/// A port `p` such that `p`, `p + 1`, ..., `p + n` are free now (`dev` puts node i on `p + i`).
+fn free_port_run(n: u16) -> u16 {
+    loop {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if port.checked_add(n).is_none() {
+            continue;
+        }
+        let rest: Result<Vec<_>, _> = (1..=n)
+            .map(|i| std::net::TcpListener::bind(("127.0.0.1", port + i)))
+            .collect();
+        if rest.is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A `shardlite dev` process, killed when dropped (also when an assertion fails).
+struct Dev(std::process::Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `shardlite dev` until it has printed its "Ctrl-C" line; the lines it printed.
+fn start_dev(args: &[&str]) -> (Dev, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(shardlite_bin())
+        .arg("dev")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.starts_with("Ctrl-C stops the cluster") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (Dev(child), printed)
+}
+
+/// `shardlite dev`: a whole cluster in one process with the migrations applied, its URLs and
+/// curl lines printed, and the data kept across a restart.
+#[test]
+fn dev_serves_a_migrated_cluster_and_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_run(2);
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let migrations = sample_migrations();
+    let args = [
+        "--nodes",
+        "2",
+        "--data",
+        data.to_str().unwrap(),
+        "--migrations",
+        migrations.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = Client::new(format!("http://{listen}"));
+
+    let (dev, printed) = start_dev(&args);
+    assert!(printed.contains("every node at version 2"), "{printed}");
+    assert!(
+        printed.contains(&format!("proxy  http://{listen}")),
+        "{printed}"
+    );
+    for i in 1..=2 {
+        let node = format!("n{i}  http://127.0.0.1:{}", port + i);
+        assert!(printed.contains(&node), "{node} in {printed}");
+    }
+    assert!(
+        printed.contains(&format!("curl {listen}/v1/tables/users/rows/alice")),
+        "{printed}"
+    );
+    let (status, body) = runtime.block_on(client.put(
+        &Client::row_path("users", "alice"),
+        serde_json::json!({ "name": "Alice" }),
+    ));
+    assert_eq!(status, 200, "{body}");
+    drop(dev);
+
+    // Again on the same data: the row and the schema are still there.
+    let (_dev, printed) = start_dev(&args);
+    assert!(printed.contains("every node at version 2"), "{printed}");
+    let (status, row) = runtime.block_on(client.get(&Client::row_path("users", "alice")));
+    assert_eq!(
+        (status.as_u16(), &row["name"]),
+        (200, &Value::from("Alice")),
+        "{row}"
     );
 }
