@@ -44,6 +44,26 @@ async fn answers(tasks: Vec<JoinHandle<(StatusCode, Value)>>) -> Vec<(StatusCode
     out
 }
 
+/// Queues `requests` in order behind a held writer, then lets it go: they all wait in the
+/// queue at once, so the writer takes them as one group (split only at a job that runs
+/// alone). Each request's answer, in order.
+async fn queued_together(
+    node: &TestNode,
+    requests: Vec<(&str, &str, Option<Value>)>,
+) -> Vec<(StatusCode, Value)> {
+    let hold = node.state.hold_writer_for_test().await;
+    let mut tasks = Vec::new();
+    for (method, uri, body) in requests {
+        tasks.push(queue(node, method, uri, body).await);
+    }
+    drop(hold);
+    answers(tasks).await
+}
+
+fn statuses(got: &[(StatusCode, Value)]) -> Vec<StatusCode> {
+    got.iter().map(|(status, _)| *status).collect()
+}
+
 /// (writes, commits) from `/v1/stats`.
 async fn counts(node: &TestNode) -> (u64, u64) {
     let (status, stats) = node.call("GET", "/v1/stats", None).await;
@@ -149,7 +169,6 @@ async fn a_failing_request_fails_alone_in_its_group() {
     ok(status, &body);
     let before = counts(&node).await;
 
-    let hold = node.state.hold_writer_for_test().await;
     let requests = [
         ("PUT", "/v1/tables/users/rows/a", json!({"name": "A"})),
         // UNIQUE(email)
@@ -194,16 +213,13 @@ async fn a_failing_request_fails_alone_in_its_group() {
         // Sees the delete just before it, in the same transaction.
         ("PUT", "/v1/tables/users/rows/dup2", json!({"email": "x@y"})),
     ];
-    let mut tasks = Vec::new();
-    for (method, uri, body) in requests {
-        let body = (!body.is_null()).then_some(body);
-        tasks.push(queue(&node, method, uri, body).await);
-    }
-    drop(hold);
-    let got = answers(tasks).await;
-    let statuses: Vec<StatusCode> = got.iter().map(|(s, _)| *s).collect();
+    let requests = requests
+        .into_iter()
+        .map(|(method, uri, body)| (method, uri, (!body.is_null()).then_some(body)))
+        .collect();
+    let got = queued_together(&node, requests).await;
     assert_eq!(
-        statuses,
+        statuses(&got),
         [
             StatusCode::OK,
             StatusCode::CONFLICT,
@@ -247,34 +263,32 @@ async fn a_timed_out_request_fails_alone_in_its_group() {
             .await;
     let forever = "WITH RECURSIVE c(x) AS (SELECT 2 UNION ALL SELECT x + 1 FROM c) ";
     let before = counts(&node).await;
-    let hold = node.state.hold_writer_for_test().await;
-    let tasks = vec![
-        queue(&node, "PUT", "/v1/tables/counters/rows/1", Some(json!({}))).await,
-        queue(
-            &node,
-            "POST",
-            "/v1/sql",
-            Some(json!({"key": "2",
-                        "sql": format!("INSERT INTO counters (id) {forever} SELECT x FROM c")})),
-        )
-        .await,
-        queue(
-            &node,
-            "POST",
-            "/v1/sql",
-            Some(json!({"key": "3", "statements": [
-                {"sql": "INSERT INTO counters (id) VALUES (-3)"},
-                {"sql": format!("{forever} SELECT count(*) FROM c")},
-            ]})),
-        )
-        .await,
-        queue(&node, "PUT", "/v1/tables/counters/rows/4", Some(json!({}))).await,
-    ];
-    drop(hold);
-    let got = answers(tasks).await;
-    let statuses: Vec<StatusCode> = got.iter().map(|(s, _)| *s).collect();
+    let got = queued_together(
+        &node,
+        vec![
+            ("PUT", "/v1/tables/counters/rows/1", Some(json!({}))),
+            (
+                "POST",
+                "/v1/sql",
+                Some(json!({
+                    "key": "2",
+                    "sql": format!("INSERT INTO counters (id) {forever} SELECT x FROM c"),
+                })),
+            ),
+            (
+                "POST",
+                "/v1/sql",
+                Some(json!({"key": "3", "statements": [
+                    {"sql": "INSERT INTO counters (id) VALUES (-3)"},
+                    {"sql": format!("{forever} SELECT count(*) FROM c")},
+                ]})),
+            ),
+            ("PUT", "/v1/tables/counters/rows/4", Some(json!({}))),
+        ],
+    )
+    .await;
     assert_eq!(
-        statuses,
+        statuses(&got),
         [
             StatusCode::OK,
             StatusCode::GATEWAY_TIMEOUT,
@@ -304,30 +318,26 @@ async fn a_deferred_key_violation_fails_only_its_request() {
     let (status, body) = node.call("POST", "/v1/migrations", Some(migration)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let before = counts(&node).await;
-    let hold = node.state.hold_writer_for_test().await;
-    let tasks = vec![
-        queue(&node, "PUT", "/v1/tables/parents/rows/1", Some(json!({}))).await,
-        queue(
-            &node,
-            "PUT",
-            "/v1/tables/children/rows/10",
-            Some(json!({"parent": 1})),
-        )
-        .await,
-        queue(
-            &node,
-            "PUT",
-            "/v1/tables/children/rows/11",
-            Some(json!({"parent": 99})),
-        )
-        .await,
-        queue(&node, "PUT", "/v1/tables/counters/rows/5", Some(json!({}))).await,
-    ];
-    drop(hold);
-    let got = answers(tasks).await;
-    let statuses: Vec<StatusCode> = got.iter().map(|(s, _)| *s).collect();
+    let got = queued_together(
+        &node,
+        vec![
+            ("PUT", "/v1/tables/parents/rows/1", Some(json!({}))),
+            (
+                "PUT",
+                "/v1/tables/children/rows/10",
+                Some(json!({"parent": 1})),
+            ),
+            (
+                "PUT",
+                "/v1/tables/children/rows/11",
+                Some(json!({"parent": 99})),
+            ),
+            ("PUT", "/v1/tables/counters/rows/5", Some(json!({}))),
+        ],
+    )
+    .await;
     assert_eq!(
-        statuses,
+        statuses(&got),
         [
             StatusCode::OK,
             StatusCode::OK,
@@ -357,45 +367,37 @@ async fn a_fence_queued_behind_writes_commits_after_them() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let before = counts(&node).await;
-    let hold = node.state.hold_writer_for_test().await;
     let (h1, h2) = (hash_key("k1"), hash_key("k2"));
-    let tasks = vec![
-        queue(
-            &node,
-            "PUT",
-            "/v1/tables/users/rows/k1",
-            Some(json!({"name": "before"})),
-        )
-        .await,
-        queue(&node, "PUT", "/v1/tables/users/rows/k2", Some(json!({}))).await,
-        queue(
-            &node,
-            "PUT",
-            "/v1/transfer/fences",
-            Some(json!({"job": "j", "ranges": [[h1, h1], [h2, h2]]})),
-        )
-        .await,
-        queue(
-            &node,
-            "PUT",
-            "/v1/tables/users/rows/k1",
-            Some(json!({"name": "after"})),
-        )
-        .await,
-        // Routed by an unfenced key, writes a fenced one: caught by the change log.
-        queue(
-            &node,
-            "POST",
-            "/v1/sql",
-            Some(json!({"key": "k3", "sql": "UPDATE users SET name = 'x' WHERE id = 'k2'"})),
-        )
-        .await,
-    ];
-    drop(hold);
-    let got = answers(tasks).await;
-    let statuses: Vec<StatusCode> = got.iter().map(|(s, _)| *s).collect();
+    let got = queued_together(
+        &node,
+        vec![
+            (
+                "PUT",
+                "/v1/tables/users/rows/k1",
+                Some(json!({"name": "before"})),
+            ),
+            ("PUT", "/v1/tables/users/rows/k2", Some(json!({}))),
+            (
+                "PUT",
+                "/v1/transfer/fences",
+                Some(json!({"job": "j", "ranges": [[h1, h1], [h2, h2]]})),
+            ),
+            (
+                "PUT",
+                "/v1/tables/users/rows/k1",
+                Some(json!({"name": "after"})),
+            ),
+            // Routed by an unfenced key, writes a fenced one: caught by the change log.
+            (
+                "POST",
+                "/v1/sql",
+                Some(json!({"key": "k3", "sql": "UPDATE users SET name = 'x' WHERE id = 'k2'"})),
+            ),
+        ],
+    )
+    .await;
     assert_eq!(
-        statuses,
+        statuses(&got),
         [
             StatusCode::OK,
             StatusCode::OK,
