@@ -189,10 +189,7 @@ impl Cluster {
         &self,
         change: impl FnOnce(&rusqlite::Transaction<'_>) -> ProxyResult<T>,
     ) -> ProxyResult<T> {
-        let mut conn = self
-            .store
-            .lock()
-            .expect("state lock is never poisoned: no panics under it");
+        let mut conn = self.conn();
         let out = transact(&mut conn, change)?;
         let topology = load(&conn)?;
         self.current.store(Arc::new(topology));
@@ -205,19 +202,20 @@ impl Cluster {
         &self,
         change: impl FnOnce(&rusqlite::Transaction<'_>) -> ProxyResult<T>,
     ) -> ProxyResult<T> {
-        let mut conn = self
-            .store
-            .lock()
-            .expect("state lock is never poisoned: no panics under it");
+        let mut conn = self.conn();
         transact(&mut conn, change)
+    }
+
+    /// The state file's connection, held until the guard drops.
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.store
+            .lock()
+            .expect("state lock is never poisoned: no panics under it")
     }
 
     /// Runs a read on the state file.
     pub fn read<T>(&self, read: impl FnOnce(&Connection) -> ProxyResult<T>) -> ProxyResult<T> {
-        let conn = self
-            .store
-            .lock()
-            .expect("state lock is never poisoned: no panics under it");
+        let conn = self.conn();
         read(&conn)
     }
 }
