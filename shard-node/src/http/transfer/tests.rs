@@ -119,6 +119,18 @@ async fn counters(node: &TestNode, n: i64) {
     .await;
 }
 
+/// Upserts users with the given ids and no other column.
+async fn add_users(node: &TestNode, ids: &[String]) {
+    let rows: Vec<Value> = ids.iter().map(|id| json!({"id": id})).collect();
+    ok(
+        node,
+        "POST",
+        "/v1/tables/users/rows",
+        Some(json!({"rows": rows})),
+    )
+    .await;
+}
+
 // ---- capture ----
 
 #[tokio::test]
@@ -794,14 +806,7 @@ async fn purge_deletes_only_rows_in_range_in_pages() {
     let node = TestNode::new().await;
     counters(&node, 50).await;
     let user_keys: Vec<String> = (1..=10).map(|i| format!("u{i}")).collect();
-    let rows: Vec<Value> = user_keys.iter().map(|k| json!({"id": k})).collect();
-    ok(
-        &node,
-        "POST",
-        "/v1/tables/users/rows",
-        Some(json!({"rows": rows})),
-    )
-    .await;
+    add_users(&node, &user_keys).await;
     let keys: Vec<String> = (1..=50)
         .map(|i: i64| i.to_string())
         .chain(user_keys.iter().cloned())
@@ -988,14 +993,7 @@ async fn tally_counts_and_returns_logged_rows_from_one_snapshot() {
     assert_eq!(body["capturing"], false, "{body}");
 
     let names: Vec<String> = (1..=30).map(|i| format!("u{i}")).collect();
-    let rows: Vec<Value> = names.iter().map(|k| json!({"id": k})).collect();
-    ok(
-        &node,
-        "POST",
-        "/v1/tables/users/rows",
-        Some(json!({"rows": rows})),
-    )
-    .await;
+    add_users(&node, &names).await;
     let start = capture_on(&node).await;
     let low: Vec<&String> = names.iter().filter(|k| in_range(k, LOW)).collect();
     let high: Vec<&String> = names.iter().filter(|k| in_range(k, HIGH)).collect();
