@@ -426,6 +426,19 @@ pub fn spawn_nodes(dir: &Path, n: usize, extra: &[&str]) -> Vec<Spawned> {
         .collect()
 }
 
+/// `GET /v1/cluster/verify`, asserting that every row is on its owner and no key is on two
+/// nodes; the report, for more checks.
+pub async fn assert_verified(client: &Client) -> Value {
+    let (status, report) = client.get("/v1/cluster/verify").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (&report["misplaced"], &report["duplicates"]),
+        (&json!(0), &json!(0)),
+        "{report}"
+    );
+    report
+}
+
 /// Upserts `n` users `{prefix}-{i}` (name = id) in batches; returns their keys.
 pub async fn preload_users(client: &Client, prefix: &str, n: usize) -> Vec<String> {
     let keys: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();

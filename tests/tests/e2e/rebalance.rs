@@ -1,10 +1,10 @@
 //! Online rebalance (contract guarantees 2–4): writers keep going while a node joins or leaves;
 //! afterwards the history checks out, `verify` is clean, and only rows whose owner changed moved.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use shardlite_tests::history::{self, WriterLog};
 use shardlite_tests::{
-    Client, TestCluster, keys_in_file, preload_users, rebalance_and_wait, ring_of,
+    Client, TestCluster, assert_verified, keys_in_file, preload_users, rebalance_and_wait, ring_of,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -201,12 +201,7 @@ async fn adding_a_node_while_writing_loses_nothing_and_moves_only_to_it() {
         "about a quarter moved, got {fraction}"
     );
 
-    let (_, report) = client.get("/v1/cluster/verify").await;
-    assert_eq!(
-        (report["misplaced"].clone(), report["duplicates"].clone()),
-        (json!(0), json!(0)),
-        "{report}"
-    );
+    assert_verified(&client).await;
     for node in &cluster.nodes {
         let conn = rusqlite::Connection::open_with_flags(
             &node.db,
@@ -278,12 +273,7 @@ async fn removing_a_node_while_writing_drains_it() {
         keys_in_file(&cluster.node("n2").db, "users").is_empty(),
         "n2 is drained"
     );
-    let (_, report) = client.get("/v1/cluster/verify").await;
-    assert_eq!(
-        (report["misplaced"].clone(), report["duplicates"].clone()),
-        (json!(0), json!(0)),
-        "{report}"
-    );
+    let report = assert_verified(&client).await;
     let per_node: BTreeMap<String, u64> = report["nodes"]
         .as_object()
         .unwrap()

@@ -1,6 +1,6 @@
 use serde_json::{Value, json};
 use shardlite_ring::{Member, NodeId, Ring};
-use shardlite_tests::{Client, TestCluster, keys_in_file};
+use shardlite_tests::{Client, TestCluster, assert_verified, keys_in_file};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The ring the proxy uses, rebuilt from `GET /v1/cluster`.
@@ -107,10 +107,7 @@ async fn thousands_of_rows_round_trip_and_live_on_their_owner() {
         );
     }
 
-    let (status, report) = client.get("/v1/cluster/verify").await;
-    assert_eq!(status, 200);
-    assert_eq!(report["misplaced"], 0);
-    assert_eq!(report["duplicates"], 0);
+    let report = assert_verified(client).await;
     assert_eq!(report["rows_total"], json!(keys.len() - deleted.len()));
     cluster.stop().await;
 }
