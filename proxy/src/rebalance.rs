@@ -515,15 +515,7 @@ async fn run(state: &ProxyState, mut job: Job) {
 async fn abandon(state: &ProxyState, job: &mut Job, reason: String) {
     for source in &job.sources {
         let _ = lift_fence(state, source).await;
-        let _ = call(
-            state,
-            &source.id,
-            &source.url,
-            Method::DELETE,
-            "/v1/transfer/capture",
-            None,
-        )
-        .await;
+        let _ = drop_capture(state, source).await;
     }
     job.state = JobState::Failed;
     job.error = Some(reason);
@@ -583,6 +575,20 @@ fn by_target<'a>(
         }
     }
     Ok(groups)
+}
+
+/// Turns the source's change capture off (its triggers and log go).
+async fn drop_capture(state: &ProxyState, source: &Source) -> ProxyResult<()> {
+    call(
+        state,
+        &source.id,
+        &source.url,
+        Method::DELETE,
+        "/v1/transfer/capture",
+        None,
+    )
+    .await
+    .map(drop)
 }
 
 async fn lift_fence(state: &ProxyState, source: &Source) -> ProxyResult<()> {
@@ -1208,15 +1214,7 @@ async fn clean_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
         return Ok(());
     }
     step_pause(state).await;
-    call(
-        state,
-        &source.id,
-        &source.url,
-        Method::DELETE,
-        "/v1/transfer/capture",
-        None,
-    )
-    .await?;
+    drop_capture(state, &source).await?;
     purge(state, &source.id, &source.url, &source.spans()).await?;
     lift_fence(state, &source).await?;
     moving.update(|job| job.sources[s].cleaned = true)
