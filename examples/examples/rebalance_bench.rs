@@ -168,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
     // Writers: PUT random keys (new and existing) until the job ends.
     let writing = Arc::new(AtomicBool::new(true));
     let mut writers = Vec::new();
+    let writers_started = Instant::now();
     for w in 0..args.writers {
         let api = api.clone();
         let writing = writing.clone();
@@ -179,7 +180,9 @@ async fn main() -> anyhow::Result<()> {
             .cloned()
             .collect();
         writers.push(tokio::spawn(async move {
-            let (mut ops, mut errors, mut longest) = (0u64, 0u64, Duration::ZERO);
+            // (ops, errors, longest write, when it started after `writers_started`)
+            let (mut ops, mut errors, mut longest, mut longest_at) =
+                (0u64, 0u64, Duration::ZERO, Duration::ZERO);
             let mut rng = Rng(0xfeed + w as u64);
             while writing.load(Ordering::Relaxed) {
                 let k = &keys[(rng.next_u64() % keys.len() as u64) as usize];
@@ -192,11 +195,14 @@ async fn main() -> anyhow::Result<()> {
                     )
                     .await
                     .is_ok();
-                longest = longest.max(started.elapsed());
+                if started.elapsed() > longest {
+                    longest = started.elapsed();
+                    longest_at = started - writers_started;
+                }
                 ops += 1;
                 errors += u64::from(!ok);
             }
-            (ops, errors, longest)
+            (ops, errors, longest, longest_at)
         }));
     }
 
@@ -237,13 +243,17 @@ async fn main() -> anyhow::Result<()> {
         "not seen by the poll".to_owned()
     };
     let cleanup_secs = phase_secs("committed");
-    let (mut ops, mut errors, mut longest) = (0, 0, Duration::ZERO);
+    let (mut ops, mut errors, mut longest, mut longest_at) = (0, 0, Duration::ZERO, Duration::ZERO);
     for w in writers {
-        let (o, e, l) = w.await?;
+        let (o, e, l, at) = w.await?;
         ops += o;
         errors += e;
-        longest = longest.max(l);
+        if l > longest {
+            (longest, longest_at) = (l, at);
+        }
     }
+    // When the longest write started, in the job's clock (negative: before the request).
+    let longest_at = longest_at.as_secs_f64() - (started - writers_started).as_secs_f64();
     if status["state"] != "done" {
         bail!("the rebalance did not finish: {status}");
     }
@@ -322,7 +332,7 @@ async fn main() -> anyhow::Result<()> {
          | rows moved per second up to the switch (rows moved / time until the job was first seen committed; the clean-up excluded) | {switched_rate} |\n\
          | ratio, up to the switch (for comparison only; the target is the whole job's) | {switched_ratio} |\n\
          | longest fence (write pause for a moving key), from the job | {pause} ms |\n\
-         | writers during the job: ops / errors / longest write seen | {ops} / {errors} / {longest_ms} ms |\n\
+         | writers during the job: ops / errors / longest write seen (started at, in the job's clock) | {ops} / {errors} / {longest_ms} ms ({longest_at:.2} s) |\n\
          | verify after | {misplaced} misplaced, {duplicates} duplicates |\n\
          | phases (as polled) | {phase_times} |\n\n\
          Where the time goes, and why the clean-up is slow on this disk: `docs/rebalance.md`, \

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shardlite_node::key::ShardKey;
 use shardlite_node::schema::TableSchema;
-use shardlite_node::transfer::{ChangesResponse, CountResponse, TallyResponse};
+use shardlite_node::transfer::{ChangesResponse, CountResponse, PurgeResponse, TallyResponse};
 use shardlite_ring::{Member, NodeId, Ring, diff, hash_key};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -55,8 +55,11 @@ const FENCE_BACKLOG: usize = 1000;
 /// Keys fetched from a source per call.
 const FETCH_CHUNK: usize = 5000;
 /// Rows deleted per purge call: each call is one write transaction that client writes on that
-/// node wait behind, so it is kept short.
-const PURGE_PAGE: usize = 2000;
+/// node wait behind, and the next client commit syncs the pages it dirtied, so it is kept
+/// short. The moved rows are scattered: 2,000 of them dirty most of a source's key index
+/// (about 6 MB), and client writes then waited up to 160-270 ms for their commit; with 500
+/// the longest was 60-100 ms and the clean-up took about as long (docs/rebalance.md).
+const PURGE_PAGE: usize = 500;
 /// Pause between retries after a node failed.
 const RETRY_DELAY: Duration = Duration::from_millis(300);
 
@@ -746,9 +749,9 @@ async fn prepare_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
 /// transaction there, and the cursor makes the whole purge one pass over the keys.
 async fn purge(state: &ProxyState, id: &str, url: &str, spans: &[[u32; 2]]) -> ProxyResult<u64> {
     let mut deleted = 0;
-    let mut after = Value::Null;
+    let mut after = None;
     loop {
-        let answer = call(
+        let page: PurgeResponse = call_as(
             state,
             id,
             url,
@@ -757,11 +760,16 @@ async fn purge(state: &ProxyState, id: &str, url: &str, spans: &[[u32; 2]]) -> P
             Some(json!({ "ranges": spans, "limit": PURGE_PAGE, "after": after })),
         )
         .await?;
-        deleted += answer["deleted"].as_u64().unwrap_or(0);
-        if answer["done"].as_bool().unwrap_or(true) {
+        deleted += page.deleted;
+        if page.done {
             return Ok(deleted);
         }
-        after = answer["next"].clone();
+        // A page that is not done always says where to go on; one that does not would start
+        // over from the beginning, and never end.
+        after = Some(page.next.ok_or_else(|| ProxyError::BadNodeAnswer {
+            node: id.to_owned(),
+            reason: "a purge page that is not done has no cursor".into(),
+        })?);
     }
 }
 
