@@ -220,6 +220,11 @@ fn run_one(
             .map_err(|e| client_error(e, timeout))?;
     }
     let writes = !stmt.readonly();
+    // SQLite keeps the connection's last inserted rowid until the next insert, and the writer
+    // connection serves every client: reported as is, an UPDATE would show the rowid of some
+    // earlier client's INSERT. So only a value this statement changed is reported. (Resetting
+    // it needs `sqlite3_set_last_insert_rowid`, which rusqlite offers only unsafely.)
+    let rowid_before = conn.last_insert_rowid();
     let mut rows = Vec::new();
     {
         let mut cursor = stmt.raw_query();
@@ -244,7 +249,10 @@ fn run_one(
         rows,
         // `changes()` keeps the count of the last write, so a read must not report it.
         rows_affected: if writes { conn.changes() } else { 0 },
-        last_insert_id: conn.last_insert_rowid(),
+        last_insert_id: match conn.last_insert_rowid() {
+            rowid if writes && rowid != rowid_before => rowid,
+            _ => 0,
+        },
     })
 }
 

@@ -468,6 +468,24 @@ async fn keyed_sql_writes_and_reports() {
     assert_eq!(body["results"][0]["columns"], json!(["id", "n"]));
     assert_eq!(body["results"][0]["rows"], json!([[7, 3]]));
     assert_eq!(body["results"][0]["rows_affected"], 0);
+    // The insert's rowid belongs to its own answer: a later read or update on the same
+    // (shared writer) connection reports none.
+    assert_eq!(body["results"][0]["last_insert_id"], 0, "{body}");
+    let (status, body) = node
+        .sql(json!({"statements": [
+            {"sql": "UPDATE counters SET n = n + 1 WHERE id = 7"},
+            {"sql": "INSERT INTO counters (id, n) VALUES (9, 1)"},
+            {"sql": "DELETE FROM counters WHERE id = 9"},
+        ]}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let reported: Vec<&Value> = body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| &r["last_insert_id"])
+        .collect();
+    assert_eq!(reported, [&json!(0), &json!(9), &json!(0)], "{body}");
     // Wrong parameter count is a clear 400.
     let (status, body) = node.sql(json!({"sql": "SELECT ?", "params": []})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
