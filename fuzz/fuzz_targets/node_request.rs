@@ -33,6 +33,7 @@ use libfuzzer_sys::fuzz_target;
 use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, percent_encode};
 use rusqlite::{Connection, OpenFlags};
 use serde_json::{Value, json};
+use shardlite_node::ops::{OPS_CONTENT_TYPE, OPS_PATH, OpMethod, decode_replies, encode_ops};
 use shardlite_node::{NodeConfig, NodeState};
 use tower::ServiceExt;
 
@@ -111,12 +112,13 @@ fn harness() -> &'static Harness {
             Method::POST,
             "/v1/migrations",
             json!({ "migrations": migrations }).to_string().into_bytes(),
-            true,
+            Some("application/json"),
         ));
         assert_eq!(
             status,
             StatusCode::OK,
-            "the sample migrations apply: {body}"
+            "the sample migrations apply: {}",
+            String::from_utf8_lossy(&body)
         );
         let probe = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .expect("the node's file opens read-only");
@@ -147,11 +149,11 @@ async fn send(
     method: Method,
     uri: &str,
     body: Vec<u8>,
-    json_content_type: bool,
-) -> (StatusCode, String) {
+    content_type: Option<&str>,
+) -> (StatusCode, Vec<u8>) {
     let mut builder = Request::builder().method(method).uri(uri);
-    if json_content_type {
-        builder = builder.header(header::CONTENT_TYPE, "application/json");
+    if let Some(content_type) = content_type {
+        builder = builder.header(header::CONTENT_TYPE, content_type);
     }
     let request = builder
         .body(Body::from(body))
@@ -167,7 +169,7 @@ async fn send(
         .await
         .expect("an in-memory body can be read")
         .to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
+    (status, bytes.to_vec())
 }
 
 /// The file's schema objects, header pragmas and the rows of every `_shardlite_*` table, one
@@ -226,10 +228,46 @@ fn snapshot(conn: &Connection) -> Vec<String> {
 /// Byte 0 is the selector: its low 4 bits pick the shape, bit 6 the table (`users` or
 /// `orders`) where a shape names one, bit 7 drops the JSON content type. The rest of the input
 /// is the payload; where a shape needs two parts they are split at the first `\n` (key, then
-/// body) or at each NUL (statements; SQL, then params).
-fn request_for(data: &[u8]) -> Option<(Method, String, Vec<u8>, bool)> {
+/// body) or at each NUL (statements; SQL, then params; operations of a set).
+///
+/// Shape 15 with bit 6 is a `POST /v1/ops` set, with the set's own content type: with bit 7
+/// the payload is the raw binary body, else each NUL-separated part is one operation (its
+/// first byte picks the method and table, then a key, `\n`, a body) encoded with
+/// `encode_ops`; the last value returned is how many operations that set holds.
+fn request_for(
+    data: &[u8],
+) -> Option<(Method, String, Vec<u8>, Option<&'static str>, Option<usize>)> {
     let (&selector, rest) = data.split_first()?;
     let json_content_type = selector & 0x80 == 0;
+    if selector % 16 == 15 && selector & 0x40 != 0 {
+        let ops = if json_content_type {
+            let parts: Vec<&[u8]> = rest.split(|&b| b == 0).collect();
+            let ops: Vec<(OpMethod, String, &[u8])> = parts
+                .iter()
+                .filter_map(|part| {
+                    let (&pick, part) = part.split_first()?;
+                    let method =
+                        [OpMethod::Get, OpMethod::Put, OpMethod::Delete][usize::from(pick % 3)];
+                    let table = if pick & 0x80 == 0 { "users" } else { "orders" };
+                    let split = part.iter().position(|&b| b == b'\n').unwrap_or(part.len());
+                    let key = percent_encode(&part[..split], NON_ALPHANUMERIC);
+                    let body = part.get(split + 1..).unwrap_or_default();
+                    Some((method, format!("/v1/tables/{table}/rows/{key}"), body))
+                })
+                .collect();
+            let body = encode_ops(ops.iter().map(|(m, path, body)| (*m, path.as_str(), *body)));
+            (body.to_vec(), Some(ops.len()))
+        } else {
+            (rest.to_vec(), None)
+        };
+        return Some((
+            Method::POST,
+            OPS_PATH.to_owned(),
+            ops.0,
+            Some(OPS_CONTENT_TYPE),
+            ops.1,
+        ));
+    }
     let table = if selector & 0x40 == 0 {
         "users"
     } else {
@@ -301,7 +339,8 @@ fn request_for(data: &[u8]) -> Option<(Method, String, Vec<u8>, bool)> {
     }?;
     // Only URIs `http` accepts can be sent at all; the rest never reach a node.
     path.parse::<axum::http::Uri>().ok()?;
-    Some((method, path, body, json_content_type))
+    let content_type = json_content_type.then_some("application/json");
+    Some((method, path, body, content_type, None))
 }
 
 fn sql_body(value: Value) -> Vec<u8> {
@@ -398,27 +437,51 @@ fn strings_in(value: &Value, out: &mut Vec<String>) {
 
 fuzz_target!(|data: &[u8]| {
     let h = harness();
-    let Some((method, path, body, json_content_type)) = request_for(data) else {
+    let Some((method, path, body, content_type, ops_sent)) = request_for(data) else {
         return;
     };
     let what = format!("{method} {path}");
-    let (status, answer) = h.runtime.block_on(send(
-        &h.state,
-        method,
-        &path,
-        body.clone(),
-        json_content_type,
-    ));
-    check_answer(&what, status, &answer);
-    if let Some(checksum) = leaks_a_checksum(h, &path, &body, &answer) {
-        panic!(
-            "{what}: the answer holds {checksum}, a row of _shardlite_migrations: {status} {answer}"
-        );
+    let (status, answer) =
+        h.runtime
+            .block_on(send(&h.state, method, &path, body.clone(), content_type));
+    // A set's 200 is binary: one answer per operation, each held to the same rules.
+    let answers: Vec<(String, StatusCode, String)> = if path == OPS_PATH && status == StatusCode::OK
+    {
+        let replies = decode_replies(answer.into())
+            .unwrap_or_else(|e| panic!("{what}: a 200 whose answers do not decode: {e}"));
+        if let Some(sent) = ops_sent {
+            assert_eq!(replies.len(), sent, "{what}: one answer per operation");
+        }
+        replies
+            .into_iter()
+            .enumerate()
+            .map(|(i, reply)| {
+                let status = StatusCode::from_u16(reply.status).unwrap_or_else(|_| {
+                    panic!("{what}: operation {i} has status {}", reply.status)
+                });
+                let text = String::from_utf8_lossy(&reply.body).into_owned();
+                (format!("{what} operation {i}"), status, text)
+            })
+            .collect()
+    } else {
+        vec![(
+            what.clone(),
+            status,
+            String::from_utf8_lossy(&answer).into_owned(),
+        )]
+    };
+    for (what, status, answer) in &answers {
+        check_answer(what, *status, answer);
+        if let Some(checksum) = leaks_a_checksum(h, &path, &body, answer) {
+            panic!(
+                "{what}: the answer holds {checksum}, a row of _shardlite_migrations: {status} {answer}"
+            );
+        }
     }
     let now = snapshot(&h.probe.lock().expect("the fuzzer runs on one thread"));
     assert_eq!(
         now, h.baseline,
-        "{what} ({status} {answer}) changed the schema or an internal table"
+        "{what} ({answers:?}) changed the schema or an internal table"
     );
     if h.runs.fetch_add(1, Ordering::Relaxed) % CLEAN_EVERY == CLEAN_EVERY - 1 {
         let clean = json!({ "key": "fz", "statements": [
@@ -430,8 +493,13 @@ fuzz_target!(|data: &[u8]| {
             Method::POST,
             "/v1/sql",
             sql_body(clean),
-            true,
+            Some("application/json"),
         ));
-        assert_eq!(status, StatusCode::OK, "the clean-up runs: {answer}");
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "the clean-up runs: {}",
+            String::from_utf8_lossy(&answer)
+        );
     }
 });
