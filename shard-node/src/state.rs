@@ -63,7 +63,7 @@ impl NodeState {
             "node database open"
         );
         let shared = Arc::new(Shared::new(fences, capturing));
-        let checkpointer = Checkpointer::start(db.opener(), &writer)?;
+        let checkpointer = Checkpointer::start(db.opener(), &writer, Arc::clone(&shared))?;
         let writer = Writer::start(writer, db.opener().clone(), Arc::clone(&shared))?;
         Ok(NodeState {
             inner: Arc::new(Inner {
@@ -213,6 +213,12 @@ impl NodeState {
         f: impl FnOnce(&Connection) -> T + Send + 'static,
     ) -> T {
         self.inner.writer.with_connection(f)
+    }
+
+    /// Checkpoints the writer ran so that the WAL could start over.
+    #[cfg(test)]
+    pub(crate) fn wal_restarts_for_test(&self) -> u64 {
+        self.inner.shared.wal_restarts()
     }
 
     /// Makes the writer wait until the guard is dropped, so that writes queue up.

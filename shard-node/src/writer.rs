@@ -110,6 +110,11 @@ pub(crate) struct Shared {
     /// the mean group size, which operators read in `/v1/stats`.
     writes: AtomicU64,
     commits: AtomicU64,
+    /// Set by the checkpoint thread when the WAL has grown long: before its next job the writer
+    /// checkpoints what is left, so that job's transaction starts the WAL over.
+    wal_restart: AtomicBool,
+    /// Checkpoints the writer ran for that, for tests.
+    wal_restarts: AtomicU64,
     /// Runs in every group transaction just before `COMMIT`: lets a test hold a write in flight.
     #[cfg(test)]
     before_commit: std::sync::Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
@@ -122,6 +127,8 @@ impl Shared {
             capturing: AtomicBool::new(capturing),
             writes: AtomicU64::new(0),
             commits: AtomicU64::new(0),
+            wal_restart: AtomicBool::new(false),
+            wal_restarts: AtomicU64::new(0),
             #[cfg(test)]
             before_commit: std::sync::Mutex::new(None),
         }
@@ -142,6 +149,17 @@ impl Shared {
 
     pub(crate) fn set_capturing(&self, on: bool) {
         self.capturing.store(on, Ordering::Release);
+    }
+
+    /// Asks the writer to let the WAL start over (see `checkpoint`).
+    pub(crate) fn want_wal_restart(&self) {
+        self.wal_restart.store(true, Ordering::Release);
+    }
+
+    /// Checkpoints the writer ran so that the WAL could start over, since the node opened.
+    #[cfg(test)]
+    pub(crate) fn wal_restarts(&self) -> u64 {
+        self.wal_restarts.load(Ordering::Relaxed)
     }
 
     fn count(&self, writes: usize, committed: bool) {
@@ -413,6 +431,7 @@ struct Member {
 impl Worker {
     fn run(mut self) {
         while let Some(job) = self.held.take().or_else(|| self.jobs.blocking_recv()) {
+            self.restart_wal_if_wanted();
             match job {
                 Job::Alone(job) => self.alone(job),
                 Job::Grouped(first) => {
@@ -448,6 +467,26 @@ impl Worker {
             }
         }
         group
+    }
+
+    /// When the checkpoint thread asked for it: a PASSIVE checkpoint here, between two
+    /// transactions, copies the frames committed since its last pass, and nothing can be
+    /// committed meanwhile, so the WAL is checkpointed to its end (unless a reader still needs
+    /// an older frame). The next transaction then writes from the start of the WAL. The thread
+    /// has copied all but the last few milliseconds' commits, so this is short.
+    fn restart_wal_if_wanted(&mut self) {
+        if !self.shared.wal_restart.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(conn) = &self.conn else {
+            return;
+        };
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => {
+                self.shared.wal_restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint on the writer failed"),
+        }
     }
 
     fn alone(&mut self, job: AloneJob) {
