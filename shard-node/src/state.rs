@@ -190,6 +190,12 @@ impl NodeState {
         self.inner.writer.run_grouped(keys, rows, work).await
     }
 
+    /// Runs the futures of requests that arrived together so that their client writes reach
+    /// the writer together, as one group (see `Writer::together`).
+    pub(crate) async fn writes_together<F: std::future::Future>(&self, requests: F) -> F::Output {
+        self.inner.writer.together(requests).await
+    }
+
     /// Runs `f` on a read-only connection, on a blocking thread.
     pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, NodeError>
     where

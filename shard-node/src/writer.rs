@@ -65,6 +65,7 @@
 //! finishes every job still queued, closes the connection (the last one to close checkpoints
 //! the WAL) and exits, and the drop waits for it.
 
+use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -204,6 +205,15 @@ type AloneJob = Box<dyn FnOnce(Result<&Connection, NodeError>) + Send>;
 enum Job {
     Alone(AloneJob),
     Grouped(Box<dyn Pending>),
+    /// Client writes that arrived together (one `POST /v1/ops` set), queued as one job so that
+    /// the writer never starts a group with only the first few of them.
+    Set(Vec<Box<dyn Pending>>),
+}
+
+tokio::task_local! {
+    /// Inside [`Writer::together`]: where client writes wait until the poll that queued them
+    /// ends, to go to the writer as one [`Job::Set`].
+    static TOGETHER: RefCell<Vec<Box<dyn Pending>>>;
 }
 
 /// A queued client write, its output type erased so that one group can carry many kinds.
@@ -319,15 +329,52 @@ impl Writer {
         T: Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        self.queue(Job::Grouped(Box::new(ClientWrite {
+        let write: Box<dyn Pending> = Box::new(ClientWrite {
             keys,
             rows,
             work,
             output: None,
             reply,
-        })))
-        .await?;
+        });
+        if TOGETHER.try_with(|_| ()).is_ok() {
+            TOGETHER.with(|set| set.borrow_mut().push(write));
+        } else {
+            self.queue(Job::Grouped(write)).await?;
+        }
         answer.await.map_err(|_| NodeError::WriteAbandoned)?
+    }
+
+    /// Runs `requests` (the futures of requests that arrived together) so that the client
+    /// writes each poll of them queues reach the writer as one job, and so one group: queued
+    /// one by one, the writer would wake on the first, and a set of 10 writes took 1.3
+    /// commits on average.
+    pub(crate) async fn together<F: Future>(&self, requests: F) -> F::Output {
+        let mut requests = std::pin::pin!(requests);
+        std::future::poll_fn(|cx| {
+            let (polled, set) = TOGETHER.sync_scope(RefCell::new(Vec::new()), || {
+                let polled = requests.as_mut().poll(cx);
+                (polled, TOGETHER.with(RefCell::take))
+            });
+            if !set.is_empty() {
+                self.queue_now(Job::Set(set));
+            }
+            polled
+        })
+        .await
+    }
+
+    /// Queues `job` without waiting: a full queue hands it to a task that waits for room.
+    /// A writer that stopped drops it, and its requests get `WriteAbandoned`.
+    fn queue_now(&self, job: Job) {
+        let Some(queue) = self.queue.as_ref() else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(job)) = queue.try_send(job) {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let _ = queue.send(job).await;
+            });
+        }
     }
 
     /// Jobs waiting in the queue (not the one running).
@@ -435,7 +482,11 @@ impl Worker {
             match job {
                 Job::Alone(job) => self.alone(job),
                 Job::Grouped(first) => {
-                    let group = self.gather(first);
+                    let group = self.gather(vec![first]);
+                    self.group(group);
+                }
+                Job::Set(set) => {
+                    let group = self.gather(set);
                     self.group(group);
                 }
             }
@@ -446,24 +497,41 @@ impl Worker {
         tracing::info!("writer stopped: queue closed and empty");
     }
 
-    /// `first`, and the client writes queued right behind it, within the group's limits.
-    fn gather(&mut self, first: Box<dyn Pending>) -> Vec<Box<dyn Pending>> {
-        let mut rows = first.rows();
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP_WRITES {
-            match self.jobs.try_recv() {
-                Ok(Job::Grouped(next)) if rows.saturating_add(next.rows()) <= MAX_GROUP_ROWS => {
-                    rows += next.rows();
-                    group.push(next);
-                }
-                Ok(job) => {
-                    // A job that runs alone, or a write that would overfill the group: it runs
-                    // next, after this group, so the queue's order is kept.
-                    self.held = Some(job);
+    /// `first` (one write, or a set that came together), and the client writes queued right
+    /// behind it, within the group's limits.
+    fn gather(&mut self, first: Vec<Box<dyn Pending>>) -> Vec<Box<dyn Pending>> {
+        let mut group = Vec::with_capacity(first.len());
+        let mut rows = 0usize;
+        let mut next = Some(Job::Set(first));
+        while let Some(job) = next.take() {
+            let writes = match job {
+                Job::Grouped(write) => vec![write],
+                Job::Set(set) => set,
+                alone @ Job::Alone(_) => {
+                    // A job that runs alone: it runs next, after this group, so the queue's
+                    // order is kept.
+                    self.held = Some(alone);
                     break;
                 }
+            };
+            let mut writes = writes.into_iter();
+            while let Some(write) = writes.next() {
+                let fits = group.len() < MAX_GROUP_WRITES
+                    && rows.saturating_add(write.rows()) <= MAX_GROUP_ROWS;
+                // The first write always goes in: a request larger than the limits runs in a
+                // group of its own.
+                if !fits && !group.is_empty() {
+                    // It, and the rest of its set, run next, after this group.
+                    let rest: Vec<_> = std::iter::once(write).chain(writes).collect();
+                    self.held = Some(Job::Set(rest));
+                    return group;
+                }
+                rows = rows.saturating_add(write.rows());
+                group.push(write);
+            }
+            if group.len() < MAX_GROUP_WRITES {
                 // Empty or closed: what was queued is all in.
-                Err(_) => break,
+                next = self.jobs.try_recv().ok();
             }
         }
         group

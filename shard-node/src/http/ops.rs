@@ -3,8 +3,8 @@
 //! Every operation is answered as if it had come alone, and all of them at once. Reads of a row
 //! run together on one reader connection, in one trip to a blocking thread, each as its own
 //! statement; everything else is served by the row router, the same handlers that serve it
-//! alone, so writes queue for the writer together and share a group commit. The cluster secret
-//! is checked once, on the exchange.
+//! alone. The writes reach the writer as one job, so they share one group commit (unless they
+//! overfill a group). The cluster secret is checked once, on the exchange.
 
 use axum::Json;
 use axum::Router;
@@ -58,10 +58,12 @@ pub(super) async fn run(
             })
             .await
     };
-    let routed = futures::future::join_all(others.into_iter().map(|(i, op)| {
-        let router = router.clone();
-        async move { (i, routed(router, op).await) }
-    }));
+    let routed = state.writes_together(futures::future::join_all(others.into_iter().map(
+        |(i, op)| {
+            let router = router.clone();
+            async move { (i, routed(router, op).await) }
+        },
+    )));
     let (read, routed) = tokio::join!(read_all, routed);
     for (i, reply) in routed {
         replies[i] = Some(reply);
@@ -254,6 +256,24 @@ mod tests {
             (stats["op_sets"].as_u64(), stats["ops"].as_u64()),
             (Some(1), Some(9))
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writes_of_a_set_share_one_commit() {
+        let node = TestNode::new().await;
+        let (_, before) = node.call("GET", "/v1/stats", None).await;
+        let paths: Vec<String> = (0..50)
+            .map(|i| format!("/v1/tables/counters/rows/{i}"))
+            .collect();
+        let list: Vec<(OpMethod, &str, &str)> = paths
+            .iter()
+            .map(|p| (OpMethod::Put, p.as_str(), r#"{"n": 1}"#))
+            .collect();
+        let replies = ops(&node, &list).await;
+        assert!(replies.iter().all(|r| r.status == 200));
+        let (_, after) = node.call("GET", "/v1/stats", None).await;
+        let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+        assert_eq!((delta("writes"), delta("commits")), (50, 1));
     }
 
     #[tokio::test]

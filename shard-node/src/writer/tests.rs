@@ -96,6 +96,35 @@ async fn the_writer_syncs_every_commit_by_default() {
     assert_eq!(synchronous(&node.state), 1, "NORMAL");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_arrive_together_are_one_job_split_only_by_the_limits() {
+    // No hold here: the writer is idle and wakes as soon as anything is queued. Queued one by
+    // one, 300 writes would start several groups; queued as one set, the first 256 are one
+    // group and the other 44 the next.
+    let node = TestNode::new().await;
+    let before = counts(&node).await;
+    let requests = (0..300).map(|i| {
+        let state = node.state.clone();
+        async move {
+            let uri = format!("/v1/tables/counters/rows/{i}");
+            send(state, "PUT", &uri, Some(json!({"n": i}).to_string()))
+                .await
+                .0
+        }
+    });
+    let got = node
+        .state
+        .writes_together(futures::future::join_all(requests))
+        .await;
+    assert!(got.iter().all(|s| *s == StatusCode::OK), "{got:?}");
+    let after = counts(&node).await;
+    assert_eq!((after.0 - before.0, after.1 - before.1), (300, 2));
+    assert_eq!(
+        read(&node, "SELECT count(*) FROM counters").await,
+        [json!([300])]
+    );
+}
+
 #[tokio::test]
 async fn writes_queued_together_share_one_commit() {
     let node = TestNode::new().await;
