@@ -541,7 +541,8 @@ impl Worker {
     /// transactions, copies the frames committed since its last pass, and nothing can be
     /// committed meanwhile, so the WAL is checkpointed to its end (unless a reader still needs
     /// an older frame). The next transaction then writes from the start of the WAL. The thread
-    /// has copied all but the last few milliseconds' commits, so this is short.
+    /// has copied all but the last few milliseconds' commits, so this is short: 1-10 ms measured
+    /// under 24k PUT/s, once per 64 MiB of WAL.
     fn restart_wal_if_wanted(&mut self) {
         if !self.shared.wal_restart.swap(false, Ordering::AcqRel) {
             return;
