@@ -276,6 +276,34 @@ impl Ring {
         &self.members[self.owners[k] as usize].id
     }
 
+    /// The hash ranges `[start, end]` (inclusive, sorted, never wrapping, adjacent ones of the
+    /// same owner merged) that `id` owns; empty if it owns none.
+    ///
+    /// For every `p`: `owner_of(p) == Some(id)` iff some range contains `p`.
+    pub fn ranges_of(&self, id: &NodeId) -> Vec<(u32, u32)> {
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        let mut add = |start: u32, end: u32| match ranges.last_mut() {
+            Some(last) if u64::from(last.1) + 1 == u64::from(start) => last.1 = end,
+            _ => ranges.push((start, end)),
+        };
+        let mut start = 0u32;
+        for (k, &point) in self.points.iter().enumerate() {
+            // Point k owns (previous point, point]; the first one also owns [0, point].
+            if self.owner_at(k) == id {
+                add(start, point);
+            }
+            if point == u32::MAX {
+                return ranges;
+            }
+            start = point + 1;
+        }
+        // Past the last point the circle wraps to the first point's owner.
+        if !self.points.is_empty() && self.owner_at(0) == id {
+            add(start, u32::MAX);
+        }
+        ranges
+    }
+
     /// A new ring with `m` added, or with its weight changed if its id is already a member.
     pub fn with_member(&self, m: Member) -> Result<Ring, RingError> {
         let mut members: Vec<Member> = self
@@ -415,6 +443,54 @@ pub fn diff(old: &Ring, new: &Ring) -> Vec<Move> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_of_each_member_cover_exactly_what_it_owns() {
+        let ring = Ring::new(
+            [
+                Member::new("a", 1),
+                Member::new("b", 2),
+                Member::new("c", 1),
+            ],
+            DEFAULT_VNODES,
+        )
+        .unwrap();
+        let ids: Vec<NodeId> = ["a", "b", "c"].map(NodeId::new).into();
+        let ranges: Vec<Vec<(u32, u32)>> = ids.iter().map(|id| ring.ranges_of(id)).collect();
+        // Together they tile the circle: sorted, disjoint, no gap, 0 to u32::MAX.
+        let mut all: Vec<(u32, u32)> = ranges.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all.first().map(|r| r.0), Some(0));
+        assert_eq!(all.last().map(|r| r.1), Some(u32::MAX));
+        for pair in all.windows(2) {
+            assert_eq!(u64::from(pair[0].1) + 1, u64::from(pair[1].0), "{pair:?}");
+        }
+        // Each range's ends and a spread of points inside belong to its member.
+        for (id, list) in ids.iter().zip(&ranges) {
+            for w in list.windows(2) {
+                assert!(
+                    u64::from(w[0].1) + 1 < u64::from(w[1].0),
+                    "adjacent not merged: {w:?}"
+                );
+            }
+            for &(start, end) in list {
+                for p in [start, end, start + (end - start) / 2] {
+                    assert_eq!(ring.owner_of(p), Some(id), "{p} in [{start}, {end}]");
+                }
+            }
+        }
+        // Keys, through lookup.
+        for i in 0..2000 {
+            let key = format!("k{i}");
+            let owner = ring.lookup(&key).unwrap();
+            let h = hash_key(&key);
+            let k = ids.iter().position(|id| id == owner).unwrap();
+            assert!(ranges[k].iter().any(|&(s, e)| s <= h && h <= e), "{key}");
+        }
+        assert!(ring.ranges_of(&NodeId::new("zz")).is_empty());
+        let one = Ring::new([Member::new("a", 1)], DEFAULT_VNODES).unwrap();
+        assert_eq!(one.ranges_of(&NodeId::new("a")), [(0, u32::MAX)]);
+    }
 
     fn members(ids: &[&str]) -> Vec<Member> {
         ids.iter().map(|&id| Member::new(id, 1)).collect()
