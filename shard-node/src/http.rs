@@ -304,10 +304,19 @@ async fn upsert_rows(
 
 async fn run_sql(
     State(state): State<NodeState>,
-    JsonBody(request): JsonBody<SqlRequest>,
+    JsonBody(mut request): JsonBody<SqlRequest>,
 ) -> Result<Json<SqlResponse>, NodeError> {
     let readonly = request.readonly;
     let key = request.key.clone();
+    let owned = match request.owned.take() {
+        Some(_) if !readonly => {
+            return Err(NodeError::InvalidRequest(
+                "\"owned\" narrows a keyless read: it needs \"readonly\": true".into(),
+            ));
+        }
+        Some(pairs) => Some(crate::fence::Ranges::new(&pairs)?),
+        None => None,
+    };
     let statements = request.into_statements()?;
     let config = state.config();
     let limits = Limits {
@@ -318,7 +327,10 @@ async fn run_sql(
     let results = if readonly {
         // Reads are never fenced.
         state
-            .read(move |_, conn| sql::read(conn, &statements, limits))
+            .read(move |state, conn| match &owned {
+                Some(owned) => sql::read_owned(conn, &state.schema(), owned, &statements, limits),
+                None => sql::read(conn, &statements, limits),
+            })
             .await?
     } else {
         state

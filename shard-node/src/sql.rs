@@ -9,13 +9,16 @@
 
 use std::time::{Duration, Instant};
 
+use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, ErrorCode};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::db::rollback;
 use crate::error::{Denial, NodeError};
+use crate::fence::Ranges;
 use crate::guard::{self, Mode, Scope};
+use crate::schema::{Schema, quote};
 use crate::value::{json_size, json_to_sql, sql_to_json};
 
 /// `POST /v1/sql` body: one `sql` string or a `statements` list.
@@ -34,6 +37,12 @@ pub struct SqlRequest {
     /// (409) if it is fenced; reads ignore it.
     #[serde(default)]
     pub key: Option<String>,
+    /// For a keyless read while ownership is moving: the hash ranges (`[start, end]`) this
+    /// node owns. Each table then shows only its rows whose key lies in them, so that a row
+    /// that also sits on another node (copied ahead of a switch, or not yet cleaned up after
+    /// one) is read once across the cluster. Only with `readonly`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned: Option<Vec<(u32, u32)>>,
 }
 
 /// One statement of a `statements` list.
@@ -122,6 +131,71 @@ pub(crate) fn read(
         }
     }
     Ok(results)
+}
+
+/// The SQL function the views of [`read_owned`] filter with; internal to one request.
+const OWNED_FUNCTION: &str = "shardlite_owned";
+
+/// [`read`], with every table narrowed to the rows whose key lies in `owned`.
+///
+/// For the duration of the request the reader gets, per table, a TEMP VIEW of the table's name
+/// over `main.<table>` filtered by a function of `owned`. An unqualified name finds the TEMP
+/// one first, so client SQL (joins, aggregates, subqueries) sees only owned rows; a name
+/// qualified as `main.` reaches the whole table. The views and the function are gone before
+/// the connection goes back to the pool (one that still held a view would not be reused).
+pub(crate) fn read_owned(
+    conn: &Connection,
+    schema: &Schema,
+    owned: &Ranges,
+    statements: &[SqlStatement],
+    limits: Limits,
+) -> Result<Vec<StatementResult>, NodeError> {
+    let owned = owned.clone();
+    conn.create_scalar_function(
+        OWNED_FUNCTION,
+        1,
+        // Views may use only innocuous functions while the schema is untrusted.
+        FunctionFlags::SQLITE_UTF8
+            | FunctionFlags::SQLITE_DETERMINISTIC
+            | FunctionFlags::SQLITE_INNOCUOUS,
+        move |ctx| Ok(owned.contains_key(ctx.get_raw(0))),
+    )?;
+    let mut views = Views {
+        conn,
+        names: Vec::new(),
+    };
+    {
+        let _internal = Scope::enter(Mode::Internal, None);
+        for table in schema.tables() {
+            let (name, key) = (quote(&table.name), quote(&table.key));
+            conn.execute_batch(&format!(
+                "CREATE TEMP VIEW {name} AS SELECT * FROM main.{name} WHERE {OWNED_FUNCTION}({key})"
+            ))?;
+            views.names.push(name);
+        }
+    }
+    read(conn, statements, limits)
+}
+
+/// The TEMP views of [`read_owned`]; dropped with the function when the read is over.
+struct Views<'c> {
+    conn: &'c Connection,
+    names: Vec<String>,
+}
+
+impl Drop for Views<'_> {
+    fn drop(&mut self) {
+        let _internal = Scope::enter(Mode::Internal, None);
+        for name in &self.names {
+            if let Err(e) = self.conn.execute_batch(&format!("DROP VIEW temp.{name}")) {
+                // The pool checks for TEMP objects and closes such a connection.
+                tracing::warn!(error = %e, view = %name, "could not drop a filtering view");
+            }
+        }
+        if let Err(e) = self.conn.remove_function(OWNED_FUNCTION, 1) {
+            tracing::warn!(error = %e, "could not remove the filtering function");
+        }
+    }
 }
 
 /// Runs keyed client statements on the writer, inside the caller's savepoint. The deadline

@@ -448,6 +448,79 @@ async fn huge_values_are_refused_by_the_length_limit() {
 // ---- client SQL ----
 
 #[tokio::test]
+async fn a_keyless_read_can_be_narrowed_to_the_owned_ranges() {
+    let node = TestNode::new().await;
+    let rows: Vec<Value> = (0..200)
+        .map(|i| json!({"id": format!("u{i}"), "name": format!("n{i}")}))
+        .collect();
+    let (status, body) = node
+        .call(
+            "POST",
+            "/v1/tables/users/rows",
+            Some(json!({ "rows": rows })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let half = u32::MAX / 2;
+    let owned: Vec<String> = (0..200)
+        .map(|i| format!("u{i}"))
+        .filter(|k| shardlite_ring::hash_key(k) <= half)
+        .collect();
+    assert!(owned.len() > 50 && owned.len() < 150, "{}", owned.len());
+    let narrowed = |sql: &str| json!({"sql": sql, "readonly": true, "owned": [[0, half]]});
+    let (status, body) = node.sql(narrowed("SELECT count(*) FROM users")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"][0]["rows"], json!([[owned.len()]]));
+    // Joins and subqueries see the narrowed table too; columns keep their names.
+    let (status, body) = node
+        .sql(narrowed(
+            "SELECT a.id, a.name FROM users a JOIN users b ON a.id = b.id \
+             WHERE a.id IN (SELECT id FROM users) ORDER BY a.id",
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"][0]["columns"], json!(["id", "name"]));
+    let mut expected = owned.clone();
+    expected.sort();
+    let got: Vec<&str> = body["results"][0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_str().unwrap())
+        .collect();
+    assert_eq!(got, expected);
+    // The whole table stays reachable as main.users, and the next reads see it all again:
+    // the views and the function were only the request's.
+    let (_, body) = node.sql(narrowed("SELECT count(*) FROM main.users")).await;
+    assert_eq!(body["results"][0]["rows"], json!([[200]]));
+    for _ in 0..4 {
+        let (status, body) = node
+            .sql(json!({"sql": "SELECT count(*) FROM users", "readonly": true}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["results"][0]["rows"], json!([[200]]));
+        let (status, _) = node
+            .sql(json!({"sql": "SELECT shardlite_owned('u1')", "readonly": true}))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+    // Only for reads, and only with valid ranges.
+    let (status, body) = node
+        .sql(json!({"key": "u1", "sql": "DELETE FROM users", "owned": [[0, half]]}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_of(&body).contains("owned"), "{body}");
+    let (status, _) = node
+        .sql(json!({"sql": "SELECT 1", "readonly": true, "owned": [[5, 1]]}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        node.query("SELECT count(*) FROM users").await,
+        vec![json!([200])]
+    );
+}
+
+#[tokio::test]
 async fn keyed_sql_writes_and_reports() {
     let node = TestNode::new().await;
     let (status, body) = node
