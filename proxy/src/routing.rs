@@ -443,17 +443,21 @@ async fn sql(
         }
         None => {
             forward.insert("readonly".into(), Value::Bool(true));
-            let body = Bytes::from(serde_json::to_vec(&forward).expect("JSON serializes"));
-            scatter_read(&state, &topology, body).await
+            scatter_read(&state, &topology, forward).await
         }
     }
 }
 
 /// Runs a read-only statement on every node that owns data and concatenates the rows.
+///
+/// Unless the last rebalance is done (or none ran), a row may sit on two nodes: copied to its
+/// new owner ahead of the switch, or not yet deleted from its old one after it, or left behind
+/// by a job that failed. Each node is then asked for only the rows whose keys it owns under
+/// this topology (`owned` in its request), so every row is read once.
 async fn scatter_read(
     state: &ProxyState,
     topology: &Topology,
-    body: Bytes,
+    mut forward: Map<String, Value>,
 ) -> ProxyResult<Response> {
     let owners: Vec<&NodeInfo> = topology
         .nodes
@@ -466,15 +470,25 @@ async fn scatter_read(
     for node in &owners {
         state.check_up(node)?;
     }
-    let calls = owners.iter().map(|node| {
-        let body = body.clone();
-        async move {
-            state
-                .upstream()
-                .call(&node.id, Method::POST, &node.url, "/v1/sql", Some(body))
-                .await
-                .and_then(|reply| reply.json::<Value>(&node.id))
-        }
+    let settled = matches!(state.rebalance_status().state.as_str(), "idle" | "done");
+    let bodies: Vec<Bytes> = owners
+        .iter()
+        .map(|node| {
+            if !settled {
+                let owned = topology
+                    .ring
+                    .ranges_of(&shardlite_ring::NodeId::new(node.id.clone()));
+                forward.insert("owned".into(), json!(owned));
+            }
+            Bytes::from(serde_json::to_vec(&forward).expect("JSON serializes"))
+        })
+        .collect();
+    let calls = owners.iter().zip(bodies).map(|(node, body)| async move {
+        state
+            .upstream()
+            .call(&node.id, Method::POST, &node.url, "/v1/sql", Some(body))
+            .await
+            .and_then(|reply| reply.json::<Value>(&node.id))
     });
     let answers = futures::future::join_all(calls).await;
     let mut columns: Option<Value> = None;

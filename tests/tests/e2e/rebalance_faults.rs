@@ -313,3 +313,64 @@ async fn wait_for_next_job(client: &Client) -> Value {
     assert_eq!(status, 202, "{body}");
     wait_for_rebalance(client, Duration::from_secs(60)).await
 }
+
+/// A keyless read during a job: the sum of the nodes' counts is the table's row count.
+async fn keyless_count(client: &Client) -> u64 {
+    let (status, body) = client
+        .post("/v1/sql", json!({ "sql": "SELECT count(*) FROM users" }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["results"][0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row[0].as_u64().unwrap())
+        .sum()
+}
+
+/// Runs a rebalance to its end, reading the row count keyless all along; the phases in which
+/// it was read.
+async fn count_through_a_job(client: &Client, rows: u64) -> Vec<String> {
+    let (status, body) = client.post("/v1/cluster/rebalance", Value::Null).await;
+    assert_eq!(status, 202, "{body}");
+    let mut phases: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, job) = client.get("/v1/cluster/rebalance").await;
+        let count = keyless_count(client).await;
+        let phase = job["phase"].as_str().unwrap_or("").to_owned();
+        assert_eq!(count, rows, "a keyless count in the {phase} step: {job}");
+        if job["state"] != "running" {
+            assert_eq!(job["state"], "done", "{job}");
+            return phases;
+        }
+        if !phases.contains(&phase) {
+            phases.push(phase);
+        }
+        assert!(Instant::now() < deadline, "the job did not end: {job}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_reads_see_each_row_once_while_rows_move() {
+    let cluster = Cluster::start().await;
+    let rows = ROWS as u64;
+    // A node joins: after the switch the old owners keep their copies until the clean-up.
+    let n4 = start(&node_args(cluster.dir.path(), "n4", "127.0.0.1:0"));
+    let (status, body) = cluster
+        .client
+        .post("/v1/cluster/nodes", json!({ "id": "n4", "url": n4.url }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let phases = count_through_a_job(&cluster.client, rows).await;
+    assert!(phases.iter().any(|p| p == "committed"), "{phases:?}");
+    // It leaves again: its rows are copied to active nodes, which are read, before the switch.
+    let (status, body) = cluster.client.delete("/v1/cluster/nodes/n4").await;
+    assert_eq!(status, 202, "{body}");
+    let phases = count_through_a_job(&cluster.client, rows).await;
+    assert!(phases.iter().any(|p| p == "copy"), "{phases:?}");
+    assert_eq!(keyless_count(&cluster.client).await, rows);
+    assert_verified(&cluster.client).await;
+    drop(n4);
+}
