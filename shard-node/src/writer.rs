@@ -19,9 +19,14 @@
 //!   deferred foreign key is checked only at `COMMIT`, so when that check fails, the group's
 //!   requests run again one by one, each in a transaction of its own, and only the request
 //!   that left the key unresolved fails.
+//!   The client writes of one `POST /v1/ops` set enter the queue as one job
+//!   ([`Writer::together`]), so the group that takes the first of them takes them all (split
+//!   only where the limits fall).
 //! - **Jobs that run alone**: fence changes, capture on and off, transfer apply and purge,
 //!   migrations. Each runs its own transactions on the same connection, between two groups.
 //!   Gathering a group stops at the first such job in the queue; it runs right after the group.
+//! - Between two jobs, when the checkpoint thread asks for it, the thread checkpoints the WAL
+//!   itself so that the next transaction starts the WAL over (`checkpoint` says why).
 //!
 //! # Ordering, and why the rebalance argument still holds
 //!
