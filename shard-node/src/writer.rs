@@ -92,7 +92,7 @@ pub(crate) const MAX_GROUP_WRITES: usize = 256;
 pub(crate) const MAX_GROUP_ROWS: usize = 10_000;
 
 /// Jobs the queue holds; beyond that a handler waits for room (back-pressure, not an error).
-const QUEUE_CAPACITY: usize = 4096;
+pub(crate) const QUEUE_CAPACITY: usize = 4096;
 
 /// The thread's own statements, run through the statement cache: they run once or twice per
 /// request, on the one thread every write waits for.

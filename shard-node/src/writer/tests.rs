@@ -125,6 +125,61 @@ async fn writes_that_arrive_together_are_one_job_split_only_by_the_limits() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_that_finds_the_queue_full_waits_for_room() {
+    let node = TestNode::new().await;
+    let hold = node.state.hold_writer_for_test().await;
+    // Fill the queue behind the held writer, without waiting for answers.
+    let mut fillers = Vec::new();
+    for i in 0..super::QUEUE_CAPACITY {
+        let state = node.state.clone();
+        fillers.push(tokio::spawn(async move {
+            let uri = format!("/v1/tables/counters/rows/{i}");
+            send(state, "PUT", &uri, Some(json!({"n": 1}).to_string()))
+                .await
+                .0
+        }));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while node.state.queued_for_test() < super::QUEUE_CAPACITY {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue did not fill"
+        );
+        tokio::task::yield_now().await;
+    }
+    let state = node.state.clone();
+    let set = tokio::spawn(async move {
+        let requests = (0..10).map(|i| {
+            let state = state.clone();
+            async move {
+                let uri = format!("/v1/tables/counters/rows/{}", 100_000 + i);
+                send(state, "PUT", &uri, Some(json!({"n": 2}).to_string()))
+                    .await
+                    .0
+            }
+        });
+        state
+            .writes_together(futures::future::join_all(requests))
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        !set.is_finished(),
+        "nothing can answer while the writer is held"
+    );
+    drop(hold);
+    let got = set.await.unwrap();
+    assert!(got.iter().all(|s| *s == StatusCode::OK), "{got:?}");
+    for filler in fillers {
+        assert_eq!(filler.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        read(&node, "SELECT count(*) FROM counters WHERE n = 2").await,
+        [json!([10])]
+    );
+}
+
 #[tokio::test]
 async fn writes_queued_together_share_one_commit() {
     let node = TestNode::new().await;
