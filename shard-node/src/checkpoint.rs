@@ -203,7 +203,7 @@ mod tests {
         let wal = std::fs::metadata(dir.path().join("node.db-wal"))
             .unwrap()
             .len();
-        let restarts = state.wal_restarts_for_test();
+        let restarts = state.wal_restarts();
         assert!(restarts > 0, "the writer never checkpointed for a restart");
         // Without the restarts the WAL holds every page written: 363 MB when this was written,
         // 76-85 MB with them.

@@ -350,6 +350,7 @@ async fn stats(State(state): State<NodeState>) -> Result<Json<StatsResponse>, No
     stats.fences = state.fences().list.len();
     (stats.writes, stats.commits) = state.write_counts();
     (stats.op_sets, stats.ops) = state.op_counts();
+    stats.wal_restarts = state.wal_restarts();
     Ok(Json(stats))
 }
 

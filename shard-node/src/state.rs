@@ -222,8 +222,7 @@ impl NodeState {
     }
 
     /// Checkpoints the writer ran so that the WAL could start over.
-    #[cfg(test)]
-    pub(crate) fn wal_restarts_for_test(&self) -> u64 {
+    pub(crate) fn wal_restarts(&self) -> u64 {
         self.inner.shared.wal_restarts()
     }
 

@@ -36,6 +36,10 @@ pub struct StatsResponse {
     pub op_sets: u64,
     #[serde(default)]
     pub ops: u64,
+    /// Times the writer checkpointed so that a long WAL could start over (once per 64 MiB of
+    /// WAL under steady writes; see `checkpoint`).
+    #[serde(default)]
+    pub wal_restarts: u64,
 }
 
 pub(crate) fn collect(conn: &Connection, schema: &Schema) -> rusqlite::Result<StatsResponse> {
@@ -58,5 +62,6 @@ pub(crate) fn collect(conn: &Connection, schema: &Schema) -> rusqlite::Result<St
         commits: 0,
         op_sets: 0,
         ops: 0,
+        wal_restarts: 0,
     })
 }

@@ -119,7 +119,7 @@ pub(crate) struct Shared {
     /// Set by the checkpoint thread when the WAL has grown long: before its next job the writer
     /// checkpoints what is left, so that job's transaction starts the WAL over.
     wal_restart: AtomicBool,
-    /// Checkpoints the writer ran for that, for tests.
+    /// Checkpoints the writer ran for that, for `/v1/stats`.
     wal_restarts: AtomicU64,
     /// Runs in every group transaction just before `COMMIT`: lets a test hold a write in flight.
     #[cfg(test)]
@@ -163,7 +163,6 @@ impl Shared {
     }
 
     /// Checkpoints the writer ran so that the WAL could start over, since the node opened.
-    #[cfg(test)]
     pub(crate) fn wal_restarts(&self) -> u64 {
         self.wal_restarts.load(Ordering::Relaxed)
     }
