@@ -39,7 +39,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shardlite_node::key::ShardKey;
 use shardlite_node::schema::TableSchema;
-use shardlite_node::transfer::{ChangesResponse, CountResponse, PurgeResponse, TallyResponse};
+use shardlite_node::transfer::{
+    CaptureResponse, ChangesResponse, CountResponse, FetchResponse, PurgeResponse, TallyResponse,
+};
 use shardlite_ring::{Member, NodeId, Ring, diff, hash_key};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -526,18 +528,21 @@ async fn abandon(state: &ProxyState, job: &mut Job, reason: String) {
     tracing::error!(job = %job.id, error = ?job.error, "rebalance failed; ownership unchanged");
 }
 
-async fn call(
+/// A call whose answer carries nothing the job needs: only its success counts.
+async fn send(
     state: &ProxyState,
     id: &str,
     url: &str,
     method: Method,
     path: &str,
     body: Option<Value>,
-) -> ProxyResult<Value> {
-    call_as(state, id, url, method, path, body).await
+) -> ProxyResult<()> {
+    call_as::<serde::de::IgnoredAny>(state, id, url, method, path, body)
+        .await
+        .map(drop)
 }
 
-/// [`call`], with the answer read as `T`.
+/// A call to a node, its answer read as `T`: a malformed answer is an error, never a default.
 async fn call_as<T: serde::de::DeserializeOwned>(
     state: &ProxyState,
     id: &str,
@@ -582,7 +587,7 @@ fn by_target<'a>(
 
 /// Turns the source's change capture off (its triggers and log go).
 async fn drop_capture(state: &ProxyState, source: &Source) -> ProxyResult<()> {
-    call(
+    send(
         state,
         &source.id,
         &source.url,
@@ -591,11 +596,10 @@ async fn drop_capture(state: &ProxyState, source: &Source) -> ProxyResult<()> {
         None,
     )
     .await
-    .map(drop)
 }
 
 async fn lift_fence(state: &ProxyState, source: &Source) -> ProxyResult<()> {
-    call(
+    send(
         state,
         &source.id,
         &source.url,
@@ -604,7 +608,6 @@ async fn lift_fence(state: &ProxyState, source: &Source) -> ProxyResult<()> {
         None,
     )
     .await
-    .map(drop)
 }
 
 /// A phase in which every source moves at once. The sources' futures are polled by one task
@@ -683,7 +686,7 @@ impl<'a> Moving<'a> {
         upserts: Vec<Value>,
         deletes: Vec<Value>,
     ) -> ProxyResult<()> {
-        call(
+        send(
             self.state,
             target,
             self.url(target)?,
@@ -692,7 +695,6 @@ impl<'a> Moving<'a> {
             Some(json!({ "table": table, "upserts": upserts, "deletes": deletes })),
         )
         .await
-        .map(drop)
     }
 }
 
@@ -719,7 +721,7 @@ async fn prepare_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
     let state = moving.state;
     let source = moving.source(s);
     if !source.capturing {
-        let on = call(
+        let on: CaptureResponse = call_as(
             state,
             &source.id,
             &source.url,
@@ -730,7 +732,7 @@ async fn prepare_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
         .await?;
         moving.update(|job| {
             let source = &mut job.sources[s];
-            source.applied_seq = on["max_seq"].as_i64().unwrap_or(0);
+            source.applied_seq = on.max_seq;
             source.capturing = true;
         })?;
     }
@@ -958,7 +960,9 @@ async fn catch_up(moving: &Moving<'_>, s: usize, drain: bool) -> ProxyResult<()>
         for (name, keys) in keys {
             let table = moving.table(&name).expect("only known tables were kept");
             for chunk in keys.chunks(FETCH_CHUNK) {
-                let found = call(
+                // A malformed answer must not read as "every key is gone": each key missing
+                // from `rows` is deleted on its target.
+                let found: FetchResponse = call_as(
                     state,
                     &source.id,
                     &source.url,
@@ -967,11 +971,19 @@ async fn catch_up(moving: &Moving<'_>, s: usize, drain: bool) -> ProxyResult<()>
                     Some(json!({ "table": name, "keys": chunk })),
                 )
                 .await?;
-                let rows = found["rows"].as_array().cloned().unwrap_or_default();
-                let present: Vec<Value> = rows
+                let present = found
+                    .rows
                     .iter()
-                    .map(|r| r.get(&table.key).cloned().unwrap_or(Value::Null))
-                    .collect();
+                    .map(|row| {
+                        row.get(&table.key)
+                            .cloned()
+                            .ok_or_else(|| ProxyError::BadNodeAnswer {
+                                node: source.id.clone(),
+                                reason: format!("a fetched row of {name} has no key"),
+                            })
+                    })
+                    .collect::<ProxyResult<Vec<Value>>>()?;
+                let rows: Vec<Value> = found.rows.into_iter().map(Value::Object).collect();
                 let absent = chunk.iter().filter(|k| !present.contains(k)).cloned();
                 apply_current(moving, &source, table, rows, absent.collect()).await?;
             }
@@ -1092,7 +1104,7 @@ async fn fenced_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
     let before = state.cluster().topology();
     let fenced_at = Instant::now();
     let fences = job.sources.iter().map(|source| {
-        call(
+        send(
             state,
             &source.id,
             &source.url,
