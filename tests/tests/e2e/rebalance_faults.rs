@@ -85,6 +85,17 @@ impl Cluster {
         self.proxy = start(&args);
     }
 
+    /// Starts a fourth node and adds it to the cluster (as joining); keep it alive.
+    async fn add_n4(&self) -> Spawned {
+        let n4 = start(&node_args(self.dir.path(), "n4", "127.0.0.1:0"));
+        let (status, body) = self
+            .client
+            .post("/v1/cluster/nodes", json!({ "id": "n4", "url": n4.url }))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        n4
+    }
+
     fn restart_node(&mut self, i: usize) {
         let port = self.nodes[i].port();
         self.nodes[i] = start(&node_args(
@@ -141,12 +152,7 @@ async fn kill_during(phase: &str, victim: Victim) {
         )));
     }
 
-    let n4 = start(&node_args(cluster.dir.path(), "n4", "127.0.0.1:0"));
-    let (status, body) = cluster
-        .client
-        .post("/v1/cluster/nodes", json!({ "id": "n4", "url": n4.url }))
-        .await;
-    assert_eq!(status, 201, "{body}");
+    let n4 = cluster.add_n4().await;
     let (status, body) = cluster
         .client
         .post("/v1/cluster/rebalance", Value::Null)
@@ -250,12 +256,7 @@ async fn a_source_node_killed_mid_copy_does_not_stop_the_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_lost_on_the_target_stops_the_switch() {
     let cluster = Cluster::start().await;
-    let n4 = start(&node_args(cluster.dir.path(), "n4", "127.0.0.1:0"));
-    let (status, body) = cluster
-        .client
-        .post("/v1/cluster/nodes", json!({ "id": "n4", "url": n4.url }))
-        .await;
-    assert_eq!(status, 201, "{body}");
+    let n4 = cluster.add_n4().await;
     let (_, before) = cluster.client.get("/v1/cluster").await;
     let (status, body) = cluster
         .client
@@ -357,12 +358,7 @@ async fn keyless_reads_see_each_row_once_while_rows_move() {
     let cluster = Cluster::start().await;
     let rows = ROWS as u64;
     // A node joins: after the switch the old owners keep their copies until the clean-up.
-    let n4 = start(&node_args(cluster.dir.path(), "n4", "127.0.0.1:0"));
-    let (status, body) = cluster
-        .client
-        .post("/v1/cluster/nodes", json!({ "id": "n4", "url": n4.url }))
-        .await;
-    assert_eq!(status, 201, "{body}");
+    let n4 = cluster.add_n4().await;
     let phases = count_through_a_job(&cluster.client, rows).await;
     assert!(phases.iter().any(|p| p == "committed"), "{phases:?}");
     // It leaves again: its rows are copied to active nodes, which are read, before the switch.
