@@ -471,18 +471,24 @@ async fn scatter_read(
         state.check_up(node)?;
     }
     let settled = matches!(state.rebalance_status().state.as_str(), "idle" | "done");
-    let bodies: Vec<Bytes> = owners
-        .iter()
-        .map(|node| {
-            if !settled {
+    let body = |forward: &Map<String, Value>| {
+        Bytes::from(serde_json::to_vec(forward).expect("JSON serializes"))
+    };
+    let bodies: Vec<Bytes> = if settled {
+        // Every node gets the same request: built once.
+        vec![body(&forward); owners.len()]
+    } else {
+        owners
+            .iter()
+            .map(|node| {
                 let owned = topology
                     .ring
                     .ranges_of(&shardlite_ring::NodeId::new(node.id.clone()));
                 forward.insert("owned".into(), json!(owned));
-            }
-            Bytes::from(serde_json::to_vec(&forward).expect("JSON serializes"))
-        })
-        .collect();
+                body(&forward)
+            })
+            .collect()
+    };
     let calls = owners.iter().zip(bodies).map(|(node, body)| async move {
         state
             .upstream()

@@ -327,7 +327,7 @@ async fn run_sql(
     let results = if readonly {
         // Reads are never fenced.
         state
-            .read(move |state, conn| match &owned {
+            .read(move |state, conn| match owned {
                 Some(owned) => sql::read_owned(conn, &state.schema(), owned, &statements, limits),
                 None => sql::read(conn, &statements, limits),
             })

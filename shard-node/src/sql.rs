@@ -146,11 +146,10 @@ const OWNED_FUNCTION: &str = "shardlite_owned";
 pub(crate) fn read_owned(
     conn: &Connection,
     schema: &Schema,
-    owned: &Ranges,
+    owned: Ranges,
     statements: &[SqlStatement],
     limits: Limits,
 ) -> Result<Vec<StatementResult>, NodeError> {
-    let owned = owned.clone();
     conn.create_scalar_function(
         OWNED_FUNCTION,
         1,
