@@ -262,7 +262,9 @@ mod tests {
     async fn the_writes_of_a_set_share_one_commit() {
         let node = TestNode::new().await;
         let (_, before) = node.call("GET", "/v1/stats", None).await;
-        let paths: Vec<String> = (0..50)
+        // A full set (256 = MAX_OPS, one group's worth): queued one by one, the writer would
+        // wake on the first few and commit them before the rest were in.
+        let paths: Vec<String> = (0..crate::ops::MAX_OPS)
             .map(|i| format!("/v1/tables/counters/rows/{i}"))
             .collect();
         let list: Vec<(OpMethod, &str, &str)> = paths
@@ -273,7 +275,10 @@ mod tests {
         assert!(replies.iter().all(|r| r.status == 200));
         let (_, after) = node.call("GET", "/v1/stats", None).await;
         let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
-        assert_eq!((delta("writes"), delta("commits")), (50, 1));
+        assert_eq!(
+            (delta("writes"), delta("commits")),
+            (crate::ops::MAX_OPS as u64, 1)
+        );
     }
 
     #[tokio::test]
