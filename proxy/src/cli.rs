@@ -73,6 +73,10 @@ pub struct NodeArgs {
     /// process crash; the last commits may roll back on power loss). Default: the node's default.
     #[arg(long, env = "SHARDLITE_SYNCHRONOUS", value_parser = parse_synchronous)]
     pub synchronous: Option<shardlite_node::Synchronous>,
+    /// Most MiB of the file read through a memory map, shared by all connections; 0 reads with
+    /// pread instead. An I/O error on a mapped read ends the process instead of one request.
+    #[arg(long, env = "SHARDLITE_MMAP_MB", default_value_t = shardlite_node::DEFAULT_MMAP_BYTES >> 20)]
+    pub mmap_mb: u64,
     /// Answer only requests carrying this secret (the proxy's --cluster-secret); /healthz stays open.
     #[arg(long, env = "SHARDLITE_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
@@ -311,6 +315,7 @@ async fn run_node(args: NodeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCod
     config.readers = args.readers.max(1);
     config.statement_timeout = Duration::from_millis(args.statement_timeout_ms);
     config.cluster_secret = args.cluster_secret.clone();
+    config.mmap_bytes = args.mmap_mb.saturating_mul(1 << 20);
     if let Some(synchronous) = args.synchronous {
         config.synchronous = synchronous;
     }

@@ -58,6 +58,7 @@ impl Db {
         }
         let settings = Settings {
             synchronous: config.synchronous,
+            mmap_bytes: config.mmap_bytes,
             max_length: i32::try_from(config.max_body_bytes).unwrap_or(i32::MAX),
         };
         let readers = Pool::builder()
@@ -160,6 +161,7 @@ pub(crate) fn carries_state(conn: &Connection) -> bool {
 #[derive(Clone, Copy)]
 struct Settings {
     synchronous: Synchronous,
+    mmap_bytes: u64,
     /// SQLite's LENGTH limit: the largest string, blob or row.
     max_length: i32,
 }
@@ -169,8 +171,9 @@ struct Settings {
 fn configure(conn: &mut Connection, settings: Settings) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))?;
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; PRAGMA recursive_triggers = ON;",
-        settings.synchronous.pragma_value()
+        "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; PRAGMA recursive_triggers = ON; PRAGMA mmap_size = {};",
+        settings.synchronous.pragma_value(),
+        settings.mmap_bytes
     ))?;
     for (option, on) in [
         (DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true),
@@ -278,6 +281,8 @@ mod tests {
             assert_eq!(pragma(conn, "recursive_triggers"), "1");
             assert_eq!(pragma(conn, "synchronous"), "2"); // FULL, the default
             assert_eq!(pragma(conn, "busy_timeout"), "5000");
+            // Reads go through a memory map of the file (the default, 1 GiB at most).
+            assert_eq!(pragma(conn, "mmap_size"), (1u64 << 30).to_string());
             assert!(conn.db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE).unwrap());
             assert!(
                 !conn
@@ -295,6 +300,16 @@ mod tests {
         config.synchronous = Synchronous::Normal;
         let db = Db::open(&config).unwrap();
         assert_eq!(pragma(&db.opener().open().unwrap(), "synchronous"), "1");
+    }
+
+    #[test]
+    fn the_memory_map_can_be_turned_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::new(dir.path().join("node.db"));
+        config.mmap_bytes = 0;
+        let db = Db::open(&config).unwrap();
+        assert_eq!(pragma(&db.opener().open().unwrap(), "mmap_size"), "0");
+        assert_eq!(pragma(&db.reader().unwrap(), "mmap_size"), "0");
     }
 
     #[test]

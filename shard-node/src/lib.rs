@@ -102,7 +102,7 @@ pub mod transfer;
 pub mod value;
 mod writer;
 
-pub use config::{NodeConfig, Synchronous};
+pub use config::{DEFAULT_MMAP_BYTES, NodeConfig, Synchronous};
 pub use error::NodeError;
 pub use http::{router, serve};
 pub use state::NodeState;
