@@ -749,9 +749,15 @@ async fn prepare_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
 
 /// Deletes every row of `spans` on a node, page by page; each page is one short write
 /// transaction there, and the cursor makes the whole purge one pass over the keys.
+///
+/// A node commits the pages before the last without a sync of their own, so a crash of its
+/// machine can undo pages it already answered; that always restarts the node's process, which
+/// then answers with another `instance`. The purge then starts over from the first key, so no
+/// undone page is skipped. The last page is synced, so `done` is durable.
 async fn purge(state: &ProxyState, id: &str, url: &str, spans: &[[u32; 2]]) -> ProxyResult<u64> {
     let mut deleted = 0;
     let mut after = None;
+    let mut instance: Option<String> = None;
     loop {
         let page: PurgeResponse = call_as(
             state,
@@ -763,6 +769,16 @@ async fn purge(state: &ProxyState, id: &str, url: &str, spans: &[[u32; 2]]) -> P
         )
         .await?;
         deleted += page.deleted;
+        if instance.as_ref().is_some_and(|seen| *seen != page.instance) {
+            tracing::info!(
+                node = id,
+                "the node restarted during a purge; starting it over"
+            );
+            instance = Some(page.instance);
+            after = None;
+            continue;
+        }
+        instance = Some(page.instance);
         if page.done {
             return Ok(deleted);
         }
@@ -1262,6 +1278,63 @@ mod tests {
             applied_seq: 0,
             cleaned: false,
         }
+    }
+
+    /// A node whose process "restarts" after the second purge page: a page answered before the
+    /// restart may be undone (it was not synced), so the purge must start over from the first
+    /// key, not go on from its cursor.
+    #[tokio::test]
+    async fn a_purge_starts_over_when_the_node_restarted_between_pages() {
+        let requests: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let seen = Arc::clone(&requests);
+        let node = axum::Router::new().route(
+            "/v1/transfer/purge",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(body);
+                    let page = seen.len();
+                    // Pages 1-2 from the first process, 3 on from the second.
+                    let instance = if page <= 2 { "first" } else { "second" };
+                    let last = page >= 3;
+                    let next = json!({"table": "t", "rowid": page * 10});
+                    axum::Json(json!({
+                        "deleted": 5,
+                        "done": last,
+                        "next": if last { Value::Null } else { next },
+                        "instance": instance,
+                    }))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, node).await });
+        let dir = tempfile::tempdir().unwrap();
+        let state =
+            ProxyState::open(crate::server::ProxyConfig::new(dir.path().join("state.db"))).unwrap();
+
+        // Page 3 says done, but it comes from another process: pages 1 and 2 may be gone.
+        let deleted = purge(&state, "n1", &url, &[[0, 9]]).await.unwrap();
+        let afters: Vec<Value> = requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r["after"].clone())
+            .collect();
+        // Page 3 went on from page 2's cursor (the caller cannot know yet); when its answer came
+        // from the new process, page 4 started over from the beginning.
+        assert_eq!(
+            afters,
+            vec![
+                Value::Null,
+                json!({"table": "t", "rowid": 10}),
+                json!({"table": "t", "rowid": 20}),
+                Value::Null
+            ]
+        );
+        assert_eq!(deleted, 20);
     }
 
     #[test]

@@ -38,6 +38,7 @@ use rusqlite::types::Value as SqlValue;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::config::Synchronous;
 use crate::db::rollback;
 use crate::error::NodeError;
 use crate::fence::{Fence, RangeCounter, Ranges};
@@ -211,6 +212,10 @@ pub struct PurgeResponse {
     /// Where to continue when not done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<PurgeCursor>,
+    /// The node process that answered. Pages before the last are committed without their own
+    /// sync, so a crash of the machine can undo them, and always restarts the process: a
+    /// caller that sees this change between pages starts the purge over.
+    pub instance: String,
 }
 
 /// `POST /v1/transfer/tally` body.
@@ -736,103 +741,167 @@ fn rowid_alias(conn: &Connection, table: &str) -> rusqlite::Result<Option<&'stat
 /// The cursor skips only rows already looked at, so nothing is missed as long as nobody adds
 /// rows to `ranges` during the purge: true for both callers (a target before the copy, which
 /// does not own the ranges, and a source after the switch, whose fence refuses the writes).
+///
+/// **Syncs.** A page that is not the last commits without a sync of its own
+/// (`synchronous=NORMAL` for that one commit; `synchronous` is what the node is configured
+/// with): the next commit that syncs (the last page's, or any client write's) makes it durable
+/// with it. So a crash of the machine can undo pages already answered, but only together with
+/// a restart of this process, and every answer carries the process's `instance`: a caller that
+/// sees it change starts the purge over (the proxy does). The last page (`done`) commits with
+/// the configured sync, so once a purge answers `done`, all of it is as durable as any write.
 pub(crate) fn purge(
     conn: &Connection,
     schema: &Schema,
     ranges: &Ranges,
     limit: usize,
     after: Option<(&str, PurgeFrom)>,
+    synchronous: Synchronous,
 ) -> Result<PurgeResponse, NodeError> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let purged = (|| -> Result<PurgeResponse, NodeError> {
-        // (table, its rowid alias if walked by rowid, the row's rowid or key)
-        let mut doomed: Vec<(&TableSchema, Option<&str>, SqlValue)> = Vec::new();
-        let mut scanned = 0;
-        let mut stopped = None;
-        'tables: for table in schema.tables() {
-            let from = match &after {
-                Some((name, _)) if table.name.as_str() < *name => continue,
-                Some((name, from)) if table.name == *name => Some(from),
-                _ => None,
-            };
-            let (t, k) = (quote(&table.name), quote(&table.key));
-            let rowid = match from {
-                Some(PurgeFrom::Key(_)) => None,
-                _ => rowid_alias(conn, &table.name)?,
-            };
-            let (walk, bound) = match (rowid, from) {
-                (Some(r), Some(PurgeFrom::Rowid(n))) => (
-                    format!("SELECT {r}, {k} FROM {t} WHERE {r} > ?1 ORDER BY {r}"),
-                    Some(SqlValue::Integer(*n)),
-                ),
-                (Some(r), _) => (format!("SELECT {r}, {k} FROM {t} ORDER BY {r}"), None),
-                (None, Some(PurgeFrom::Key(key))) => (
-                    format!("SELECT {k}, {k} FROM {t} WHERE {k} > ?1 ORDER BY {k}"),
-                    Some(key.clone()),
-                ),
-                (None, _) => (format!("SELECT {k}, {k} FROM {t} ORDER BY {k}"), None),
-            };
-            let mut stmt = conn.prepare_cached(&walk)?;
-            if let Some(bound) = &bound {
-                stmt.raw_bind_parameter(1, bound)?;
+    // Which rows go, read first. This runs as a job alone on the writer, which is the only
+    // connection that changes rows, so they are still there for the delete below; reading
+    // first tells whether this page is the last, which sets how its commit syncs.
+    conn.execute_batch("BEGIN")?;
+    let read = purge_page(conn, schema, ranges, limit, after.as_ref());
+    rollback(conn);
+    let (doomed, stopped) = read?;
+    let done = doomed.len() <= limit && stopped.is_none();
+    let relaxed = !done && synchronous == Synchronous::Full;
+    if relaxed {
+        conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+    }
+    let deleted = delete_doomed(conn, &doomed[..doomed.len().min(limit)]);
+    if relaxed {
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = {}",
+            synchronous.pragma_value()
+        ))?;
+    }
+    let deleted = deleted?;
+    let next = if done {
+        None
+    } else {
+        // A full page: after its last deleted row; else after the last row read.
+        let (table, rowid, id) = if doomed.len() > limit {
+            &doomed[limit - 1]
+        } else {
+            stopped
+                .as_ref()
+                .expect("not done: the page is full or the read stopped")
+        };
+        Some(match (rowid, id) {
+            (Some(_), SqlValue::Integer(n)) => PurgeCursor {
+                table: table.name.clone(),
+                rowid: Some(*n),
+                key: None,
+            },
+            _ => PurgeCursor {
+                table: table.name.clone(),
+                rowid: None,
+                key: Some(sql_to_json(id.into())),
+            },
+        })
+    };
+    Ok(PurgeResponse {
+        deleted,
+        done,
+        next,
+        instance: instance(),
+    })
+}
+
+/// A row a purge deletes: its table, the table's rowid alias if walked by rowid, and the row's
+/// rowid or key.
+type Doomed<'s> = (&'s TableSchema, Option<&'static str>, SqlValue);
+
+/// The read half of [`purge`]: up to `limit + 1` doomed rows from `after` on, and the last row
+/// read if the read stopped at [`MAX_PURGE_SCAN`] first.
+fn purge_page<'s>(
+    conn: &Connection,
+    schema: &'s Schema,
+    ranges: &Ranges,
+    limit: usize,
+    after: Option<&(&str, PurgeFrom)>,
+) -> Result<(Vec<Doomed<'s>>, Option<Doomed<'s>>), NodeError> {
+    let mut doomed = Vec::new();
+    let mut scanned = 0;
+    for table in schema.tables() {
+        let from = match after {
+            Some((name, _)) if table.name.as_str() < *name => continue,
+            Some((name, from)) if table.name == *name => Some(from),
+            _ => None,
+        };
+        let (t, k) = (quote(&table.name), quote(&table.key));
+        let rowid = match from {
+            Some(PurgeFrom::Key(_)) => None,
+            _ => rowid_alias(conn, &table.name)?,
+        };
+        let (walk, bound) = match (rowid, from) {
+            (Some(r), Some(PurgeFrom::Rowid(n))) => (
+                format!("SELECT {r}, {k} FROM {t} WHERE {r} > ?1 ORDER BY {r}"),
+                Some(SqlValue::Integer(*n)),
+            ),
+            (Some(r), _) => (format!("SELECT {r}, {k} FROM {t} ORDER BY {r}"), None),
+            (None, Some(PurgeFrom::Key(key))) => (
+                format!("SELECT {k}, {k} FROM {t} WHERE {k} > ?1 ORDER BY {k}"),
+                Some(key.clone()),
+            ),
+            (None, _) => (format!("SELECT {k}, {k} FROM {t} ORDER BY {k}"), None),
+        };
+        let mut stmt = conn.prepare_cached(&walk)?;
+        if let Some(bound) = &bound {
+            stmt.raw_bind_parameter(1, bound)?;
+        }
+        let mut rows = stmt.raw_query();
+        while let Some(row) = rows.next()? {
+            scanned += 1;
+            if ranges.contains_key(row.get_ref(1)?) {
+                doomed.push((table, rowid, row.get::<_, SqlValue>(0)?));
+                if doomed.len() > limit {
+                    return Ok((doomed, None));
+                }
             }
-            let mut rows = stmt.raw_query();
-            while let Some(row) = rows.next()? {
-                scanned += 1;
-                if ranges.contains_key(row.get_ref(1)?) {
-                    doomed.push((table, rowid, row.get::<_, SqlValue>(0)?));
-                    if doomed.len() > limit {
-                        break 'tables;
-                    }
-                }
-                if scanned >= MAX_PURGE_SCAN {
-                    stopped = Some((table, rowid, row.get::<_, SqlValue>(0)?));
-                    break 'tables;
-                }
+            if scanned >= MAX_PURGE_SCAN {
+                let last = (table, rowid, row.get::<_, SqlValue>(0)?);
+                return Ok((doomed, Some(last)));
             }
         }
-        let done = doomed.len() <= limit && stopped.is_none();
-        doomed.truncate(limit);
+    }
+    Ok((doomed, None))
+}
+
+/// The write half of [`purge`]: deletes `doomed` in one transaction.
+fn delete_doomed(conn: &Connection, doomed: &[Doomed<'_>]) -> Result<u64, NodeError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let deleted = (|| -> Result<u64, NodeError> {
         let mut deleted = 0;
-        for (table, rowid, id) in &doomed {
+        for (table, rowid, id) in doomed {
             let column = rowid.map_or_else(|| quote(&table.key), str::to_owned);
             let sql = format!("DELETE FROM {} WHERE {column} = ?1", quote(&table.name));
             deleted += conn.prepare_cached(&sql)?.execute([id])? as u64;
         }
         conn.execute_batch("COMMIT")?;
-        let next = if done {
-            None
-        } else {
-            // A full page: after its last deleted row; else after the last row read.
-            let (table, rowid, id) = if doomed.len() == limit {
-                doomed.last()
-            } else {
-                stopped.as_ref()
-            }
-            .expect("not done: the page is full or the read stopped");
-            Some(match (rowid, id) {
-                (Some(_), SqlValue::Integer(n)) => PurgeCursor {
-                    table: table.name.clone(),
-                    rowid: Some(*n),
-                    key: None,
-                },
-                _ => PurgeCursor {
-                    table: table.name.clone(),
-                    rowid: None,
-                    key: Some(sql_to_json(id.into())),
-                },
-            })
-        };
-        Ok(PurgeResponse {
-            deleted,
-            done,
-            next,
-        })
+        Ok(deleted)
     })();
-    if purged.is_err() {
+    if deleted.is_err() {
         rollback(conn);
     }
-    purged
+    deleted
+}
+
+/// This process's instance: a random id drawn once per process. A node's answers that must
+/// not be mixed across a restart carry it (see [`purge`]).
+pub fn instance() -> String {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE
+        .get_or_init(|| {
+            use std::hash::BuildHasher;
+            let seed = std::collections::hash_map::RandomState::new();
+            format!(
+                "{:016x}",
+                seed.hash_one((std::process::id(), std::time::SystemTime::now()))
+            )
+        })
+        .clone()
 }
 
 /// For the count check before the fence: in one read snapshot at log position `max_seq`, the

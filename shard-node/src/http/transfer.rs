@@ -160,7 +160,14 @@ async fn purge(
     let response = state
         .write(move |state, conn| {
             let after = after.as_ref().map(|(t, from)| (t.as_str(), from.clone()));
-            transfer::purge(conn, &state.schema(), &ranges, limit, after)
+            transfer::purge(
+                conn,
+                &state.schema(),
+                &ranges,
+                limit,
+                after,
+                state.config().synchronous,
+            )
         })
         .await?;
     Ok(Json(response))

@@ -833,6 +833,13 @@ async fn purge_deletes_only_rows_in_range_in_pages() {
         )
         .await;
         calls += 1;
+        assert_eq!(body["instance"], crate::transfer::instance(), "{body}");
+        // A page commits without its own sync only for that commit: the writer is back to the
+        // configured FULL after it, so client writes still sync.
+        let synchronous = node
+            .state
+            .with_writer_for_test(|conn| conn.query_row("PRAGMA synchronous", [], |r| r.get(0)));
+        assert_eq!(synchronous, Ok(2i64), "{body}");
         let n = body["deleted"].as_u64().unwrap();
         assert!(n <= 4, "{body}");
         deleted += n;
@@ -862,7 +869,7 @@ async fn purge_deletes_only_rows_in_range_in_pages() {
             Some(json!({"ranges": [[LOW.0, LOW.1]]}))
         )
         .await,
-        json!({"deleted": 0, "done": true})
+        json!({"deleted": 0, "done": true, "instance": crate::transfer::instance()})
     );
     let (status, _) = node
         .call(
