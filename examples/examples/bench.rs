@@ -292,17 +292,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Load phases: every GET first, then every PUT (PUTs rewrite rows that GETs read).
     let mut targets = vec![
-        ("direct (n1)", Some(url_addr(&node_urls[0])?)),
-        ("proxy", Some(url_addr(&proxy_url)?)),
+        ("direct (n1)", Some(vec![(url_addr(&node_urls[0])?, None)])),
+        ("direct (routed)", Some(routed(&node_urls, args.rows)?)),
+        ("proxy", Some(vec![(url_addr(&proxy_url)?, None)])),
     ];
     match &nginx {
-        NginxStatus::Running { url, .. } => targets.push(("nginx", Some(url_addr(url)?))),
+        NginxStatus::Running { url, .. } => {
+            targets.push(("nginx", Some(vec![(url_addr(url)?, None)])));
+        }
         NginxStatus::Unavailable(_) => targets.push(("nginx", None)),
     }
     let mut results = Vec::new();
     for op in [Op::Get, Op::Put] {
         for (name, addr) in &targets {
-            let Some(addr) = addr else {
+            let Some(endpoints) = addr else {
                 results.push(PhaseRow {
                     target: name,
                     op,
@@ -312,7 +315,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             };
             print!("{:<12} {:<4} ... ", name, op.name());
             std::io::Write::flush(&mut std::io::stdout())?;
-            let result = run_phase(&args, *addr, op, &children).await?;
+            let result = run_phase(&args, endpoints, op, &children).await?;
             println!(
                 "{:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  errors {}",
                 result.rps(),
@@ -1090,9 +1093,43 @@ struct ConnStats {
     hist: Histogram<u64>,
 }
 
+/// Where a load phase sends its requests: connection `c` goes to `endpoints[c % len]`, and
+/// draws its keys from that endpoint's key list (`None`: every key).
+type Endpoints = Vec<(SocketAddr, Option<Arc<Vec<usize>>>)>;
+
+/// Client-side routing over the nodes: each connection talks to one node and asks only for
+/// keys that node owns under the ring the proxy builds (same ids, weights and vnodes).
+fn routed(node_urls: &[String], rows: usize) -> anyhow::Result<Endpoints> {
+    let ids: Vec<String> = (1..=node_urls.len()).map(|i| format!("n{i}")).collect();
+    let ring = shardlite_ring::Ring::new(
+        ids.iter()
+            .map(|id| shardlite_ring::Member::new(id.clone(), 1)),
+        shardlite_ring::DEFAULT_VNODES,
+    )?;
+    let mut owned: Vec<Vec<usize>> = vec![Vec::new(); ids.len()];
+    for i in 0..rows {
+        let owner = ring
+            .lookup(&format!("k{i}"))
+            .context("a ring with members has an owner for every key")?;
+        let n = ids
+            .iter()
+            .position(|id| id == owner.as_str())
+            .context("the owner is one of the nodes")?;
+        owned[n].push(i);
+    }
+    node_urls
+        .iter()
+        .zip(owned)
+        .map(|(url, keys)| {
+            ensure!(!keys.is_empty(), "{url} owns none of the {rows} keys");
+            Ok((url_addr(url)?, Some(Arc::new(keys))))
+        })
+        .collect()
+}
+
 async fn run_phase(
     args: &Args,
-    addr: SocketAddr,
+    endpoints: &Endpoints,
     op: Op,
     children: &Children,
 ) -> anyhow::Result<PhaseResult> {
@@ -1102,11 +1139,12 @@ async fn run_phase(
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..args.connections {
         let seed = args.seed ^ (c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let rows = args.rows;
+        let (addr, keys) = endpoints[c % endpoints.len()].clone();
+        let keys = keys.unwrap_or_else(|| Arc::new((0..args.rows).collect()));
         tasks.spawn(connection_loop(
             addr,
             op,
-            rows,
+            keys,
             seed,
             measure_from,
             measure_until,
@@ -1159,7 +1197,7 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
 async fn connection_loop(
     addr: SocketAddr,
     op: Op,
-    rows: usize,
+    keys: Arc<Vec<usize>>,
     seed: u64,
     measure_from: Instant,
     measure_until: Instant,
@@ -1186,7 +1224,7 @@ async fn connection_loop(
                 .with_context(|| format!("reconnecting to {addr}"))?;
             stats.reconnects += 1;
         }
-        let i = rng.below(rows);
+        let i = keys[rng.below(keys.len())];
         let path = format!("/v1/tables/kv/rows/k{i}");
         let request = match op {
             Op::Get => Request::get(path)
@@ -1541,24 +1579,21 @@ impl Report<'_> {
         for op in [Op::Get, Op::Put] {
             let name = op.name();
             let proxy = self.find("proxy", op);
-            let direct = self.find("direct (n1)", op);
             let nginx = self.find("nginx", op);
-            match (proxy, direct) {
-                (Some(p), Some(d)) => {
-                    let ratio = p.rps() / d.rps();
-                    rows.push((
-                        format!("{name}: proxy / direct req/s"),
-                        format!("{ratio:.2}"),
-                        "≥ 0.75".into(),
-                        Some(ratio >= 0.75),
-                    ));
+            for direct in ["direct (n1)", "direct (routed)"] {
+                let what = format!("{name}: proxy / {direct} req/s");
+                match (proxy, self.find(direct, op)) {
+                    (Some(p), Some(d)) => {
+                        let ratio = p.rps() / d.rps();
+                        rows.push((
+                            what,
+                            format!("{ratio:.2}"),
+                            "≥ 0.75".into(),
+                            Some(ratio >= 0.75),
+                        ));
+                    }
+                    _ => rows.push((what, "n/a".into(), "≥ 0.75".into(), None)),
                 }
-                _ => rows.push((
-                    format!("{name}: proxy / direct req/s"),
-                    "n/a".into(),
-                    "≥ 0.75".into(),
-                    None,
-                )),
             }
             if let Some(p) = proxy {
                 let p99 = p.quantile_ms(0.99);
@@ -1730,10 +1765,14 @@ impl Report<'_> {
         );
         let _ = writeln!(
             m,
-            "- direct (n1): straight to node n1, which holds every key. proxy: shardlite's proxy \
-             over the {} nodes. nginx: `hash $key consistent` over the same nodes, upstream \
-             `keepalive 64`, the key taken from the path (config below).",
-            a.nodes
+            "- direct (n1): straight to node n1, which holds every key, so one node (one writer, \
+             one group commit) takes the whole load. direct (routed): straight to the nodes with \
+             the routing done by the client, as an application that shards by itself would: \
+             connection `c` talks to node `c mod {}` and asks only for keys that node owns on \
+             the proxy's ring. proxy: shardlite's proxy over the {} nodes. nginx: `hash $key \
+             consistent` over the same nodes, upstream `keepalive 64`, the key taken from the \
+             path (config below).",
+            a.nodes, a.nodes
         );
         let _ = writeln!(
             m,
