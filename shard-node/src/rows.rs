@@ -220,23 +220,18 @@ pub(crate) fn upsert(
     row: &ValidRow,
 ) -> Result<(), NodeError> {
     let columns: Vec<usize> = row.values.iter().map(|(i, _)| *i).collect();
-    execute_upsert(conn, &upsert_sql(table, &columns), row)
+    let mut stmt = conn.prepare_cached(&upsert_sql(table, &columns))?;
+    bind_and_run(&mut stmt, row)
 }
 
-/// Writes one validated row whole: every column not named takes its default, on insert and
-/// on update alike (how a rebalance copies a row).
-pub(crate) fn upsert_whole(
+/// Writes validated rows whole: every column a row does not name takes its default, on insert
+/// and on update alike (how a rebalance copies rows). Inside the caller's transaction.
+pub(crate) fn upsert_whole_all(
     conn: &Connection,
     table: &TableSchema,
-    row: &ValidRow,
-) -> Result<(), NodeError> {
-    let columns: Vec<usize> = row.values.iter().map(|(i, _)| *i).collect();
-    execute_upsert(conn, &whole_row_sql(table, &columns), row)
-}
-
-fn execute_upsert(conn: &Connection, sql: &str, row: &ValidRow) -> Result<(), NodeError> {
-    let mut stmt = conn.prepare_cached(sql)?;
-    bind_and_run(&mut stmt, row)
+    rows: &[ValidRow],
+) -> Result<usize, NodeError> {
+    run_each(conn, rows, |columns| whole_row_sql(table, columns))
 }
 
 fn bind_and_run(stmt: &mut rusqlite::Statement<'_>, row: &ValidRow) -> Result<(), NodeError> {
@@ -255,6 +250,16 @@ pub(crate) fn upsert_all(
     table: &TableSchema,
     rows: &[ValidRow],
 ) -> Result<usize, NodeError> {
+    run_each(conn, rows, |columns| upsert_sql(table, columns))
+}
+
+/// Runs the statement `sql_for(columns)` once per row, binding the key and the row's values;
+/// a row that names the same columns as the row before it reuses that row's statement.
+fn run_each(
+    conn: &Connection,
+    rows: &[ValidRow],
+    sql_for: impl Fn(&[usize]) -> String,
+) -> Result<usize, NodeError> {
     let mut current: Option<(Vec<usize>, rusqlite::CachedStatement<'_>)> = None;
     for row in rows {
         let same = current.as_ref().is_some_and(|(columns, _)| {
@@ -265,7 +270,7 @@ pub(crate) fn upsert_all(
             // Drop the previous statement first: it returns to the cache.
             drop(current.take());
             let columns: Vec<usize> = row.values.iter().map(|(i, _)| *i).collect();
-            let stmt = conn.prepare_cached(&upsert_sql(table, &columns))?;
+            let stmt = conn.prepare_cached(&sql_for(&columns))?;
             current = Some((columns, stmt));
         }
         let (_, stmt) = current.as_mut().expect("set above");

@@ -557,11 +557,13 @@ pub(crate) fn scan(
                 break;
             }
             scanned += 1;
-            let key: SqlValue = row.get(0)?;
-            if ranges.contains_key((&key).into()) {
+            if ranges.contains_key(row.get_ref(0)?) {
                 matched.push((row.get(1)?, matched.len()));
             }
-            last = Some(key);
+            if scanned == limit {
+                // The page's last key: where the next page starts, if there is one.
+                last = Some(row.get::<_, SqlValue>(0)?);
+            }
         }
         drop(cursor);
         if matches!(matched.first(), Some((SqlValue::Integer(_), _))) {
@@ -675,9 +677,7 @@ pub(crate) fn apply(
 ) -> Result<ApplyResponse, NodeError> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let applied = (|| -> Result<ApplyResponse, NodeError> {
-        for row in upserts {
-            rows::upsert_whole(conn, table, row)?;
-        }
+        rows::upsert_whole_all(conn, table, upserts)?;
         let sql = format!(
             "DELETE FROM {} WHERE {} = ?1",
             quote(&table.name),
