@@ -62,6 +62,8 @@ pub enum Denial {
     InternalTable(String),
     /// A virtual table that exposes the file's pages or the node's statements.
     Introspection(String),
+    /// `main.<table>` in a keyless read narrowed to owned ranges: it would skip the narrowing.
+    Unnarrowed(String),
     /// INSERT, UPDATE or DELETE on the keyless, read-only path.
     WriteNeedsKey,
     /// An action this node does not know; refused to fail closed.
@@ -109,6 +111,12 @@ impl fmt::Display for Denial {
                 "not allowed: {name} is internal to shardlite and cannot be read or written"
             ),
             Denial::Introspection(name) => write!(f, "not allowed: the table {name}"),
+            Denial::Unnarrowed(name) => write!(
+                f,
+                "name the table {name} without \"main.\" in a keyless read while rows move \
+                 between nodes (a rebalance is running or did not finish): only the plain \
+                 name reads each row once"
+            ),
             Denial::WriteNeedsKey => f.write_str(
                 "a write needs a key: send \"key\" with the statement so it runs on the shard \
                  that owns that key; keyless SQL is read-only",
@@ -158,6 +166,8 @@ pub(crate) const INTERNAL_PREFIX: &str = "_shardlite_";
 
 thread_local! {
     static MODE: Cell<Mode> = const { Cell::new(Mode::Internal) };
+    /// The tables a narrowed keyless read sees through filtering views (see [`Narrowed`]).
+    static NARROWED: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
     static DENIAL: RefCell<Option<Denial>> = const { RefCell::new(None) };
 }
@@ -184,6 +194,27 @@ impl Drop for Scope {
     fn drop(&mut self) {
         MODE.set(self.previous_mode);
         DEADLINE.set(self.previous_deadline);
+    }
+}
+
+/// While alive, client reads on this thread may reach `tables` only through the views that
+/// narrow them: a top-level read of `main.<table>` is refused ([`Denial::Unnarrowed`]).
+#[must_use = "the narrowing only holds while the scope is alive"]
+pub(crate) struct Narrowed {
+    previous: Vec<String>,
+}
+
+impl Narrowed {
+    pub(crate) fn enter(tables: Vec<String>) -> Narrowed {
+        Narrowed {
+            previous: NARROWED.replace(tables),
+        }
+    }
+}
+
+impl Drop for Narrowed {
+    fn drop(&mut self) {
+        NARROWED.set(std::mem::take(&mut self.previous));
     }
 }
 
@@ -238,6 +269,16 @@ fn schema_table(name: &str) -> Option<Denial> {
     } else {
         None
     }
+}
+
+/// A read of a narrowed table straight from the client's SQL: its plain name finds the TEMP
+/// view, whose reads of `main.<table>` come with the view as accessor, so a read without one
+/// named the table as `main.<table>`.
+fn bypasses_narrowing(table: &str, ctx: &AuthContext<'_>) -> bool {
+    ctx.accessor.is_none()
+        // As the client spelled it, at least where no column is read (`count(*)`).
+        && ctx.database_name.is_some_and(|db| db.eq_ignore_ascii_case("main"))
+        && NARROWED.with(|n| n.borrow().iter().any(|t| t.eq_ignore_ascii_case(table)))
 }
 
 fn check(mode: Mode, ctx: &AuthContext<'_>) -> Result<(), Denial> {
@@ -296,6 +337,8 @@ fn check(mode: Mode, ctx: &AuthContext<'_>) -> Result<(), Denial> {
                 Err(Denial::InternalTable(table_name.to_owned()))
             } else if one_of(table_name, INTROSPECTION_TABLES) {
                 Err(Denial::Introspection(table_name.to_owned()))
+            } else if bypasses_narrowing(table_name, ctx) {
+                Err(Denial::Unnarrowed(table_name.to_owned()))
             } else {
                 Ok(())
             }

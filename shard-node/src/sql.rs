@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::db::rollback;
 use crate::error::{Denial, NodeError};
 use crate::fence::Ranges;
-use crate::guard::{self, Mode, Scope};
+use crate::guard::{self, Mode, Narrowed, Scope};
 use crate::schema::{Schema, quote};
 use crate::value::{json_size, json_to_sql, sql_to_json};
 
@@ -141,8 +141,9 @@ const OWNED_FUNCTION: &str = "shardlite_owned";
 /// For the duration of the request the reader gets, per table, a TEMP VIEW of the table's name
 /// over `main.<table>` filtered by a function of `owned`. An unqualified name finds the TEMP
 /// one first, so client SQL (joins, aggregates, subqueries) sees only owned rows; a name
-/// qualified as `main.` reaches the whole table. The views and the function are gone before
-/// the connection goes back to the pool (one that still held a view would not be reused).
+/// qualified as `main.` would reach the whole table, so the authorizer refuses it for this
+/// request (400 with the reason). The views and the function are gone before the connection
+/// goes back to the pool (one that still held a view would not be reused).
 pub(crate) fn read_owned(
     conn: &Connection,
     schema: &Schema,
@@ -173,6 +174,7 @@ pub(crate) fn read_owned(
             views.names.push(name);
         }
     }
+    let _narrowed = Narrowed::enter(schema.tables().map(|t| t.name.clone()).collect());
     read(conn, statements, limits)
 }
 

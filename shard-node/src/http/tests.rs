@@ -489,9 +489,29 @@ async fn a_keyless_read_can_be_narrowed_to_the_owned_ranges() {
         .map(|r| r[0].as_str().unwrap())
         .collect();
     assert_eq!(got, expected);
-    // The whole table stays reachable as main.users, and the next reads see it all again:
-    // the views and the function were only the request's.
-    let (_, body) = node.sql(narrowed("SELECT count(*) FROM main.users")).await;
+    // main.users would read the whole table and skip the narrowing: refused with the reason,
+    // in a subquery too.
+    for sql in [
+        "SELECT count(*) FROM main.users",
+        "SELECT count(*) FROM users WHERE id IN (SELECT id FROM main.users)",
+        "SELECT count(*) FROM MAIN.Users",
+        "SELECT u.name FROM \"main\".\"users\" AS u",
+    ] {
+        let (status, body) = node.sql(narrowed(sql)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{sql}: {body}");
+        assert!(error_of(&body).contains("without \"main.\""), "{body}");
+    }
+    // Tables that are not narrowed stay reachable as main.<table>.
+    let (status, body) = node
+        .sql(narrowed("SELECT count(*) FROM main.sqlite_schema"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The next reads see the whole table again, main.users included: the views, the function
+    // and the refusal were only the request's.
+    let (status, body) = node
+        .sql(json!({"sql": "SELECT count(*) FROM main.users", "readonly": true}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["results"][0]["rows"], json!([[200]]));
     for _ in 0..4 {
         let (status, body) = node
