@@ -118,6 +118,8 @@ pub enum NodeError {
     GroupTransaction(Arc<rusqlite::Error>),
     #[error("cannot start the writer thread: {0}")]
     WriterThread(std::io::Error),
+    #[error("cannot sync the write-ahead log: {0}")]
+    WalSync(std::io::Error),
     /// The writer thread is gone, so no write can be queued: the node is stopping.
     #[error("the node is shutting down and accepts no more writes")]
     WriterStopped,
@@ -168,6 +170,7 @@ impl NodeError {
             NodeError::WriterStopped => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::Open { .. }
             | NodeError::WriterThread(_)
+            | NodeError::WalSync(_)
             | NodeError::WriteAbandoned
             | NodeError::NotWal { .. }
             | NodeError::Pool(_)

@@ -748,7 +748,9 @@ fn rowid_alias(conn: &Connection, table: &str) -> rusqlite::Result<Option<&'stat
 /// with it. So a crash of the machine can undo pages already answered, but only together with
 /// a restart of this process, and every answer carries the process's `instance`: a caller that
 /// sees it change starts the purge over (the proxy does). The last page (`done`) commits with
-/// the configured sync, so once a purge answers `done`, all of it is as durable as any write.
+/// the configured sync, and then syncs the WAL even if it deleted nothing (a commit without
+/// changes writes no frame and syncs nothing), so once a purge answers `done`, all of it is as
+/// durable as any write.
 pub(crate) fn purge(
     conn: &Connection,
     schema: &Schema,
@@ -777,6 +779,11 @@ pub(crate) fn purge(
         ))?;
     }
     let deleted = deleted?;
+    if done && synchronous == Synchronous::Full {
+        // This page's commit synced the WAL only if it deleted something; earlier pages of the
+        // purge may have committed unsynced, so sync it here in any case.
+        sync_wal(conn)?;
+    }
     let next = if done {
         None
     } else {
@@ -807,6 +814,20 @@ pub(crate) fn purge(
         next,
         instance: instance(),
     })
+}
+
+/// Syncs the WAL file of `conn`'s database, so every frame in it is durable, whatever wrote
+/// it. A frame already copied into the database file by a checkpoint is durable there (a
+/// checkpoint syncs the file before the WAL starts over). No WAL file: nothing to sync.
+fn sync_wal(conn: &Connection) -> Result<(), NodeError> {
+    let Some(path) = conn.path().filter(|p| !p.is_empty()) else {
+        return Ok(());
+    };
+    match std::fs::File::open(format!("{path}-wal")) {
+        Ok(wal) => wal.sync_all().map_err(NodeError::WalSync),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(NodeError::WalSync(e)),
+    }
 }
 
 /// A row a purge deletes: its table, the table's rowid alias if walked by rowid, and the row's
