@@ -33,7 +33,9 @@ use crate::db::Opener;
 use crate::error::NodeError;
 use crate::writer::Shared;
 
-/// How often the thread checkpoints.
+/// How often the thread checkpoints. 250 ms (fewer copies of a page rewritten between passes)
+/// made no difference the bench could see: an A/B alternating the two gave PUT through the
+/// proxy 21.8k and 14.9k/s at 50 ms, 18.5k and 19.7k/s at 250 ms.
 pub(crate) const INTERVAL: Duration = Duration::from_millis(50);
 
 /// WAL frames (pages) after which the writer is asked to let the WAL start over: about 64 MiB.
