@@ -315,7 +315,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             };
             print!("{:<12} {:<4} ... ", name, op.name());
             std::io::Write::flush(&mut std::io::stdout())?;
-            let result = run_phase(&args, endpoints, op, &children).await?;
+            let before = NodeCounters::take(&client, &node_urls).await?;
+            let mut result = run_phase(&args, endpoints, op, &children).await?;
+            result.counters = NodeCounters::take(&client, &node_urls).await?.minus(before);
             println!(
                 "{:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  errors {}",
                 result.rps(),
@@ -1073,6 +1075,56 @@ struct PhaseResult {
     hist: Histogram<u64>,
     secs: f64,
     cpu: CpuSample,
+    /// What the nodes counted over the phase (warm-up included).
+    counters: NodeCounters,
+}
+
+/// The nodes' write and `/v1/ops` counters (`GET /v1/stats`), summed over the nodes.
+#[derive(Clone, Copy, Debug, Default)]
+struct NodeCounters {
+    writes: u64,
+    commits: u64,
+    op_sets: u64,
+    ops: u64,
+}
+
+impl NodeCounters {
+    async fn take(client: &SetupClient, node_urls: &[String]) -> anyhow::Result<NodeCounters> {
+        let mut sum = NodeCounters::default();
+        for url in node_urls {
+            let stats: Value = serde_json::from_slice(
+                &call_ok(client, Method::GET, &format!("{url}/v1/stats"), None).await?,
+            )?;
+            let field = |name: &str| {
+                stats[name]
+                    .as_u64()
+                    .with_context(|| format!("{url}/v1/stats has no {name}: {stats}"))
+            };
+            sum.writes += field("writes")?;
+            sum.commits += field("commits")?;
+            sum.op_sets += field("op_sets")?;
+            sum.ops += field("ops")?;
+        }
+        Ok(sum)
+    }
+
+    fn minus(self, before: NodeCounters) -> NodeCounters {
+        NodeCounters {
+            writes: self.writes - before.writes,
+            commits: self.commits - before.commits,
+            op_sets: self.op_sets - before.op_sets,
+            ops: self.ops - before.ops,
+        }
+    }
+
+    /// `a / b` to one decimal, or a dash when nothing was counted.
+    fn per(a: u64, b: u64) -> String {
+        if b == 0 {
+            "–".into()
+        } else {
+            format!("{:.1}", a as f64 / b as f64)
+        }
+    }
 }
 
 impl PhaseResult {
@@ -1175,6 +1227,7 @@ async fn run_phase(
         hist,
         secs: args.duration_secs as f64,
         cpu,
+        counters: NodeCounters::default(),
     })
 }
 
@@ -1487,6 +1540,24 @@ impl Report<'_> {
                         row.op.name()
                     );
                 }
+            }
+        }
+        t.push('\n');
+        t.push_str(
+            "| path | op | row requests per `/v1/ops` exchange | writes per commit (group commit) |\n\
+             |---|---|---:|---:|\n",
+        );
+        for row in self.results {
+            if let Some(r) = &row.result {
+                let c = r.counters;
+                let _ = writeln!(
+                    t,
+                    "| {} | {} | {} | {} |",
+                    row.target,
+                    row.op.name(),
+                    NodeCounters::per(c.ops, c.op_sets),
+                    NodeCounters::per(c.writes, c.commits)
+                );
             }
         }
         t.push('\n');
