@@ -10,7 +10,7 @@ use crate::admin::{ClusterResponse, StatusResponse, VerifyResponse};
 use crate::cluster::NodeInfo;
 use crate::error::node_error_message;
 use crate::migrate::{MigrateRequest, MigrateResponse, MigrationStatus};
-use crate::rebalance::{DryRun, RebalanceStatus};
+use crate::rebalance::{DryRun, Phase, RebalanceStatus};
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::{ProxyConfig, ProxyState, dev};
 use anyhow::{Context, bail};
@@ -765,8 +765,9 @@ async fn rebalance(args: RebalanceArgs, out: &mut dyn Write) -> anyhow::Result<E
         if !args.admin.json {
             writeln!(
                 out,
-                "rebalance done: {} rows moved; longest write pause {} ms",
+                "rebalance done: {} rows moved, {} old copies deleted; longest write pause {} ms",
                 status.rows_moved,
+                status.rows_cleaned.unwrap_or(0),
                 status.pause_ms.unwrap_or(0)
             )?;
         }
@@ -798,6 +799,8 @@ async fn follow(
         bar
     });
     let mut last_line = std::time::Instant::now() - Duration::from_secs(2);
+    // After the switch the bar starts over, counting the old copies the clean-up deletes.
+    let mut cleaning = false;
     loop {
         let status: RebalanceStatus = client
             .json(Method::GET, "/v1/cluster/rebalance", None)
@@ -806,20 +809,35 @@ async fn follow(
             .phase
             .map(|p| format!("{p:?}").to_lowercase())
             .unwrap_or_default();
+        let committed = status.phase == Some(Phase::Committed);
+        let cleaned = status.rows_cleaned.unwrap_or(0);
         if let Some(bar) = &bar {
-            bar.set_length(status.rows_to_move.max(status.rows_moved));
-            bar.set_position(status.rows_moved);
+            if committed && !cleaning {
+                bar.reset();
+            }
+            let (done, label) = if committed {
+                (cleaned, "old copies deleted".to_owned())
+            } else {
+                (status.rows_moved, phase.clone())
+            };
+            bar.set_length(status.rows_to_move.max(status.rows_moved).max(done));
+            bar.set_position(done);
             bar.set_message(match &status.error {
-                Some(e) => format!("{phase}: {e}"),
-                None => phase.clone(),
+                Some(e) => format!("{label}: {e}"),
+                None => label,
             });
         } else if !quiet && last_line.elapsed() >= Duration::from_secs(1) {
             writeln!(
                 out,
-                "{}: {} of {} rows moved ({phase}){}",
+                "{}: {} of {} rows moved ({phase}){}{}",
                 status.state,
                 status.rows_moved,
                 status.rows_to_move,
+                if committed {
+                    format!(", {cleaned} old copies deleted")
+                } else {
+                    String::new()
+                },
                 status
                     .error
                     .as_deref()
@@ -828,6 +846,7 @@ async fn follow(
             )?;
             last_line = std::time::Instant::now();
         }
+        cleaning = committed;
         if status.state != "running" {
             if let Some(bar) = bar {
                 bar.finish_and_clear();

@@ -163,6 +163,11 @@ pub struct Job {
     pub sources: Vec<Source>,
     pub rows_to_move: u64,
     pub rows_moved: u64,
+    /// Old copies the sources deleted after the switch (the clean-up's progress). Counted per
+    /// purge page and saved with the job's other steps, so after a proxy restart in the
+    /// clean-up it goes on from the last save and counts only what the new pass deletes.
+    #[serde(default)]
+    pub rows_cleaned: u64,
     /// The longest time a fence was up, in milliseconds (the write pause of moving keys).
     pub pause_ms: u64,
     pub error: Option<String>,
@@ -182,6 +187,9 @@ pub struct RebalanceStatus {
     pub phase: Option<Phase>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pause_ms: Option<u64>,
+    /// Old copies deleted by the clean-up after the switch (phase `committed`), so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_cleaned: Option<u64>,
 }
 
 impl RebalanceStatus {
@@ -194,6 +202,7 @@ impl RebalanceStatus {
             id: None,
             phase: None,
             pause_ms: None,
+            rows_cleaned: None,
         }
     }
 
@@ -211,6 +220,7 @@ impl RebalanceStatus {
             id: Some(job.id.clone()),
             phase: Some(job.phase),
             pause_ms: Some(job.pause_ms),
+            rows_cleaned: Some(job.rows_cleaned),
         }
     }
 }
@@ -384,6 +394,7 @@ pub async fn start(state: &ProxyState, guard: JobGuard) -> ProxyResult<Rebalance
         sources,
         rows_to_move: moves.iter().map(|m| m.rows).sum(),
         rows_moved: 0,
+        rows_cleaned: 0,
         pause_ms: 0,
         error: None,
     };
@@ -647,6 +658,14 @@ impl<'a> Moving<'a> {
         save(self.state, &job)
     }
 
+    /// [`Moving::update`] for progress only: published to `GET /v1/cluster/rebalance` at once,
+    /// saved with the next update.
+    fn publish(&self, change: impl FnOnce(&mut Job)) {
+        let mut job = self.lock();
+        change(&mut job);
+        self.state.publish_rebalance(RebalanceStatus::of(&job));
+    }
+
     fn url(&self, id: &str) -> ProxyResult<&str> {
         self.nodes
             .iter()
@@ -738,7 +757,14 @@ async fn prepare_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
     }
     if !moving.source(s).purged {
         for target in source.targets() {
-            purge(state, target, moving.url(target)?, &source.spans_to(target)).await?;
+            purge(
+                state,
+                target,
+                moving.url(target)?,
+                &source.spans_to(target),
+                |_| {},
+            )
+            .await?;
         }
         moving.update(|job| job.sources[s].purged = true)?;
     }
@@ -754,7 +780,13 @@ async fn prepare_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
 /// machine can undo pages it already answered; that always restarts the node's process, which
 /// then answers with another `instance`. The purge then starts over from the first key, so no
 /// undone page is skipped. The last page is synced, so `done` is durable.
-async fn purge(state: &ProxyState, id: &str, url: &str, spans: &[[u32; 2]]) -> ProxyResult<u64> {
+async fn purge(
+    state: &ProxyState,
+    id: &str,
+    url: &str,
+    spans: &[[u32; 2]],
+    on_page: impl Fn(u64),
+) -> ProxyResult<u64> {
     let mut deleted = 0;
     let mut after = None;
     let mut instance: Option<String> = None;
@@ -769,6 +801,7 @@ async fn purge(state: &ProxyState, id: &str, url: &str, spans: &[[u32; 2]]) -> P
         )
         .await?;
         deleted += page.deleted;
+        on_page(page.deleted);
         if instance.as_ref().is_some_and(|seen| *seen != page.instance) {
             tracing::info!(
                 node = id,
@@ -1251,7 +1284,10 @@ async fn clean_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
     }
     step_pause(state).await;
     drop_capture(state, &source).await?;
-    purge(state, &source.id, &source.url, &source.spans()).await?;
+    purge(state, &source.id, &source.url, &source.spans(), |deleted| {
+        moving.publish(|job| job.rows_cleaned += deleted);
+    })
+    .await?;
     lift_fence(state, &source).await?;
     moving.update(|job| job.sources[s].cleaned = true)
 }
@@ -1316,7 +1352,7 @@ mod tests {
             ProxyState::open(crate::server::ProxyConfig::new(dir.path().join("state.db"))).unwrap();
 
         // Page 3 says done, but it comes from another process: pages 1 and 2 may be gone.
-        let deleted = purge(&state, "n1", &url, &[[0, 9]]).await.unwrap();
+        let deleted = purge(&state, "n1", &url, &[[0, 9]], |_| {}).await.unwrap();
         let afters: Vec<Value> = requests
             .lock()
             .unwrap()

@@ -165,6 +165,8 @@ fn nodes_rebalance_and_verify_commands_drive_a_membership_change() {
         to_move,
         "n4 holds exactly the planned rows"
     );
+    // Nothing wrote during the job: the clean-up deleted exactly the moved rows' old copies.
+    assert_eq!(job["rows_cleaned"], to_move, "{job}");
     let report = shardlite_json(&["verify", "--proxy", url, "--json"]);
     assert_eq!(
         (report["misplaced"].as_u64(), report["duplicates"].as_u64()),
@@ -177,7 +179,12 @@ fn nodes_rebalance_and_verify_commands_drive_a_membership_change() {
     assert!(out.contains("is leaving"), "{out}");
     let (code, out, err) = shardlite(&["rebalance", "--proxy", url]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("rebalance done"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "rebalance done: {to_move} rows moved, {to_move} old copies deleted"
+        )),
+        "{out}"
+    );
     let listed = shardlite_json(&["nodes", "list", "--proxy", url, "--json"]);
     assert!(
         listed.as_array().unwrap().iter().all(|n| n["id"] != "n4"),
