@@ -110,6 +110,31 @@ impl Opener {
     pub(crate) fn path(&self) -> &std::path::Path {
         &self.path
     }
+
+    /// Whether `conn` still syncs as configured: a job that changes `synchronous` for one
+    /// commit (a purge page) restores it, and a connection where that failed must not carry
+    /// unsynced commits into client writes.
+    pub(crate) fn syncs_as_configured(&self, conn: &Connection) -> bool {
+        let wanted = match self.settings.synchronous {
+            Synchronous::Normal => 1,
+            Synchronous::Full => 2,
+        };
+        match conn.query_row("PRAGMA synchronous", [], |row| row.get::<_, i64>(0)) {
+            Ok(level) if level == wanted => true,
+            Ok(level) => {
+                tracing::warn!(
+                    level,
+                    wanted,
+                    "dropping a connection left at another synchronous level"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping a connection that cannot be checked");
+                false
+            }
+        }
+    }
 }
 
 /// Rolls back the transaction on `conn`, if one is open (SQLite ends some on its own after

@@ -673,7 +673,7 @@ impl Worker {
             return;
         };
         db::tidy(conn);
-        if db::carries_state(conn) {
+        if db::carries_state(conn) || !self.opener.syncs_as_configured(conn) {
             if let Some(conn) = self.conn.take() {
                 close(conn);
             }

@@ -555,6 +555,22 @@ async fn a_writer_connection_that_carries_state_is_replaced() {
     assert_eq!(status, StatusCode::OK, "{body}");
 }
 
+/// A job that changes `synchronous` for one commit (a purge page) must put it back; if the
+/// connection is left at another level anyway, the writer replaces it before client writes
+/// could commit without the configured sync.
+#[tokio::test]
+async fn a_writer_connection_left_at_another_sync_level_is_replaced() {
+    let node = TestNode::new().await;
+    node.state
+        .with_writer_for_test(|conn| conn.execute_batch("PRAGMA synchronous = OFF"))
+        .unwrap();
+    assert_eq!(synchronous(&node.state), 2);
+    let (status, body) = node
+        .call("PUT", "/v1/tables/counters/rows/1", Some(json!({"n": 1})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
 /// When the last handle on the node goes, the writer finishes what is queued, even writes
 /// whose clients went away, and closes the file: the WAL is checkpointed and removed.
 #[tokio::test]
