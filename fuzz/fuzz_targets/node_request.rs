@@ -230,6 +230,8 @@ fn snapshot(conn: &Connection) -> Vec<String> {
 /// is the payload; where a shape needs two parts they are split at the first `\n` (key, then
 /// body) or at each NUL (statements; SQL, then params; operations of a set).
 ///
+/// Shape 14 is `/v1/transfer/changes` with a raw body, or `/v1/transfer/purge` with bit 6.
+///
 /// Shape 15 with bit 6 is a `POST /v1/ops` set, with the set's own content type: with bit 7
 /// the payload is the raw binary body, else each NUL-separated part is one operation (its
 /// first byte picks the method and table, then a key, `\n`, a body) encoded with
@@ -284,7 +286,8 @@ fn request_for(
         11 => post("/v1/transfer/fetch", rest.to_vec()),
         12 => post("/v1/transfer/count", rest.to_vec()),
         13 => post("/v1/transfer/apply", rest.to_vec()),
-        14 => post("/v1/transfer/changes", rest.to_vec()),
+        14 if selector & 0x40 == 0 => post("/v1/transfer/changes", rest.to_vec()),
+        14 => post("/v1/transfer/purge", rest.to_vec()),
         // SQL text inside a well-formed request: this is where the guard is fuzzed.
         1 => post("/v1/sql", sql_body(json!({ "key": "fz", "sql": text }))),
         2 => post(
