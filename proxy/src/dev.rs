@@ -54,7 +54,9 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
     let proxy = ProxyState::open(config).context("cannot open the proxy's state file")?;
     let listener = bind(args.listen, "proxy").await?;
 
-    let topology = proxy.cluster().topology();
+    // The nodes only, not the topology snapshot: a rebalance's switch waits until nobody holds
+    // the old snapshot any more, and this function lives as long as the cluster.
+    let nodes = proxy.cluster().topology().nodes.clone();
     if args.migrations.is_dir() {
         let set = migrate::read_dir(&args.migrations).map_err(anyhow::Error::msg)?;
         let _job = proxy.jobs().begin("the start-up migration")?;
@@ -90,7 +92,7 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
         "proxy  {proxy_url}   (data in {})",
         args.data.display()
     )?;
-    for node in &topology.nodes {
+    for node in &nodes {
         writeln!(
             out,
             "node   {}  {}  {}",

@@ -314,6 +314,23 @@ fn dev_serves_a_migrated_cluster_and_keeps_its_data() {
         serde_json::json!({ "name": "Alice" }),
     ));
     assert_eq!(status, 200, "{body}");
+    // A rebalance (nothing to move) runs through its switch at once: the switch waits until no
+    // one holds the old topology, and `dev` itself once held it for its whole life (60 s).
+    let started = std::time::Instant::now();
+    let (status, body) = runtime.block_on(client.post("/v1/cluster/rebalance", Value::Null));
+    assert_eq!(status, 202, "{body}");
+    loop {
+        let (_, job) = runtime.block_on(client.get("/v1/cluster/rebalance"));
+        if job["state"] != "running" {
+            assert_eq!(job["state"], "done", "{job}");
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the rebalance hangs: {job}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     drop(dev);
 
     // Again on the same data: the row and the schema are still there.
