@@ -6,7 +6,7 @@
 //! A fence is only worth something if no write admitted before it commits after it. SQLite
 //! has one writer and the node one writer thread (`crate::writer`), which runs every write and
 //! every fence change from one FIFO queue. Client writes run in group transactions: the
-//! fences are read after `BEGIN IMMEDIATE` (a [`Check`]) and every request of the group is
+//! fences are read after `BEGIN IMMEDIATE` (a `Check`) and every request of the group is
 //! checked against them inside its own savepoint. A fence is stored by a job of its own on
 //! that same queue, in a transaction of its own, and the in-memory copy is swapped right after
 //! its commit, on the writer thread. So a write queued before the fence commits before it (its
@@ -16,7 +16,7 @@
 //!
 //! # What is checked
 //!
-//! [`Check::run`] checks the keys the request names (a row's key, every key of a batch, the
+//! `Check::run` checks the keys the request names (a row's key, every key of a batch, the
 //! `key` of keyed SQL). When capture is on, it also reads the change log rows that the request
 //! itself added (above the highest seq at its start), before its savepoint is released, and
 //! refuses if any of those keys is fenced: keyed SQL may write keys other than its own

@@ -911,7 +911,7 @@ fn delete_doomed(conn: &Connection, doomed: &[Doomed<'_>]) -> Result<u64, NodeEr
 
 /// This process's instance: a random id drawn once per process. A node's answers that must
 /// not be mixed across a restart carry it (see [`purge`]).
-pub fn instance() -> String {
+pub(crate) fn instance() -> String {
     static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     INSTANCE
         .get_or_init(|| {
