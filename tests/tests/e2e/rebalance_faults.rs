@@ -251,6 +251,14 @@ async fn a_source_node_killed_mid_copy_does_not_stop_the_job() {
     kill_during("copy", Victim::SourceNode).await;
 }
 
+/// The clean-up deletes a source's old copies in pages, most of them committed without a sync
+/// of their own; killed there, the source comes back with its fence up, and the clean-up
+/// starts its purge over and finishes: no leftovers, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_node_killed_during_cleanup_does_not_stop_the_job() {
+    kill_during("committed", Victim::SourceNode).await;
+}
+
 /// The count check runs before the fence while writes may go on; it must still catch a row
 /// that the target lost, and then nothing switches. A second job repairs the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
