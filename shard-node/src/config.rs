@@ -24,6 +24,14 @@ impl Synchronous {
             Synchronous::Full => "FULL",
         }
     }
+
+    /// The number `PRAGMA synchronous` reads back for this level.
+    pub(crate) fn level(self) -> i64 {
+        match self {
+            Synchronous::Normal => 1,
+            Synchronous::Full => 2,
+        }
+    }
 }
 
 /// The default most bytes of the file read through a memory map: 1 GiB. It only reserves

@@ -115,10 +115,7 @@ impl Opener {
     /// commit (a purge page) restores it, and a connection where that failed must not carry
     /// unsynced commits into client writes.
     pub(crate) fn syncs_as_configured(&self, conn: &Connection) -> bool {
-        let wanted = match self.settings.synchronous {
-            Synchronous::Normal => 1,
-            Synchronous::Full => 2,
-        };
+        let wanted = self.settings.synchronous.level();
         match conn.query_row("PRAGMA synchronous", [], |row| row.get::<_, i64>(0)) {
             Ok(level) if level == wanted => true,
             Ok(level) => {

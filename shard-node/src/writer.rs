@@ -575,7 +575,7 @@ impl Worker {
                 source: e,
             })),
         }
-        self.tidy();
+        self.tidy(true);
     }
 
     fn group(&mut self, group: Vec<Box<dyn Pending>>) {
@@ -590,7 +590,7 @@ impl Worker {
             .collect();
         let ran = panic::catch_unwind(AssertUnwindSafe(|| self.transact(&mut members)));
         // Rolls back a transaction that failed to commit, before anything else runs.
-        self.tidy();
+        self.tidy(false);
         let writes = members.len();
         match ran {
             Ok(Ok(committed)) => {
@@ -667,13 +667,16 @@ impl Worker {
     }
 
     /// After a job: rolls back what it left open, and closes a connection that still carries
-    /// state, so the next job opens a fresh one.
-    fn tidy(&mut self) {
+    /// state, so the next job opens a fresh one. Only a job that ran `alone` runs the node's
+    /// own SQL, which may change the sync level for a commit (a purge page); client SQL cannot
+    /// (the authorizer refuses PRAGMAs), so a group is not asked, and the check stays off the
+    /// path every client write takes.
+    fn tidy(&mut self, alone: bool) {
         let Some(conn) = &self.conn else {
             return;
         };
         db::tidy(conn);
-        if db::carries_state(conn) || !self.opener.syncs_as_configured(conn) {
+        if db::carries_state(conn) || (alone && !self.opener.syncs_as_configured(conn)) {
             if let Some(conn) = self.conn.take() {
                 close(conn);
             }
