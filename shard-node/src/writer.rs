@@ -485,12 +485,8 @@ impl Worker {
             self.restart_wal_if_wanted();
             match job {
                 Job::Alone(job) => self.alone(job),
-                Job::Grouped(first) => {
-                    let group = self.gather(vec![first]);
-                    self.group(group);
-                }
-                Job::Set(set) => {
-                    let group = self.gather(set);
+                writes => {
+                    let group = self.gather(writes);
                     self.group(group);
                 }
             }
@@ -503,10 +499,10 @@ impl Worker {
 
     /// `first` (one write, or a set that came together), and the client writes queued right
     /// behind it, within the group's limits.
-    fn gather(&mut self, first: Vec<Box<dyn Pending>>) -> Vec<Box<dyn Pending>> {
-        let mut group = Vec::with_capacity(first.len());
+    fn gather(&mut self, first: Job) -> Vec<Box<dyn Pending>> {
+        let mut group = Vec::new();
         let mut rows = 0usize;
-        let mut next = Some(Job::Set(first));
+        let mut next = Some(first);
         while let Some(job) = next.take() {
             let writes = match job {
                 Job::Grouped(write) => vec![write],
