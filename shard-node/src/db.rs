@@ -275,8 +275,15 @@ mod tests {
     use super::*;
 
     fn open() -> (tempfile::TempDir, Db) {
+        open_with(|_| {})
+    }
+
+    /// A database in a fresh directory, opened with the defaults as `change` leaves them.
+    fn open_with(change: impl FnOnce(&mut NodeConfig)) -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&NodeConfig::new(dir.path().join("node.db"))).unwrap();
+        let mut config = NodeConfig::new(dir.path().join("node.db"));
+        change(&mut config);
+        let db = Db::open(&config).unwrap();
         (dir, db)
     }
 
@@ -317,19 +324,13 @@ mod tests {
 
     #[test]
     fn synchronous_normal_can_be_chosen() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = NodeConfig::new(dir.path().join("node.db"));
-        config.synchronous = Synchronous::Normal;
-        let db = Db::open(&config).unwrap();
+        let (_dir, db) = open_with(|c| c.synchronous = Synchronous::Normal);
         assert_eq!(pragma(&db.opener().open().unwrap(), "synchronous"), "1");
     }
 
     #[test]
     fn the_memory_map_can_be_turned_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = NodeConfig::new(dir.path().join("node.db"));
-        config.mmap_bytes = 0;
-        let db = Db::open(&config).unwrap();
+        let (_dir, db) = open_with(|c| c.mmap_bytes = 0);
         assert_eq!(pragma(&db.opener().open().unwrap(), "mmap_size"), "0");
         assert_eq!(pragma(&db.reader().unwrap(), "mmap_size"), "0");
     }
@@ -344,10 +345,7 @@ mod tests {
 
     #[test]
     fn a_reader_with_temp_objects_is_not_pooled_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = NodeConfig::new(dir.path().join("node.db"));
-        config.readers = 1;
-        let db = Db::open(&config).unwrap();
+        let (_dir, db) = open_with(|c| c.readers = 1);
         {
             let conn = db.reader().unwrap();
             conn.execute_batch("CREATE TEMP TABLE leftover (a)")
