@@ -219,9 +219,7 @@ pub(crate) fn upsert(
     table: &TableSchema,
     row: &ValidRow,
 ) -> Result<(), NodeError> {
-    let columns: Vec<usize> = row.values.iter().map(|(i, _)| *i).collect();
-    let mut stmt = conn.prepare_cached(&upsert_sql(table, &columns))?;
-    bind_and_run(&mut stmt, row)
+    upsert_all(conn, table, std::slice::from_ref(row)).map(drop)
 }
 
 /// Writes validated rows whole: every column a row does not name takes its default, on insert
