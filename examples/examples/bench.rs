@@ -81,6 +81,10 @@ struct Args {
     /// Skip nginx (its rows read "skipped").
     #[arg(long)]
     no_nginx: bool,
+    /// Skip the durability rows: PUT again with the nodes restarted at `synchronous=NORMAL`
+    /// (only measured when the nodes run at `full`).
+    #[arg(long)]
+    no_durability: bool,
     /// The nodes' `synchronous` setting, and the plain SQLite baseline's, so the batch
     /// comparison is like for like. `full` is the nodes' default.
     #[arg(long, value_enum, default_value_t = Synchronous::Full)]
@@ -178,22 +182,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut children = Children::default();
 
     // Nodes and proxy, each a separate process.
+    let node_args = |i: usize, listen: &str, synchronous: Synchronous| -> Vec<String> {
+        vec![
+            "node".into(),
+            "--listen".into(),
+            listen.into(),
+            "--db".into(),
+            dir.path().join(format!("n{i}.db")).display().to_string(),
+            "--synchronous".into(),
+            synchronous.name().into(),
+        ]
+    };
     let mut node_urls = Vec::new();
     for i in 1..=args.nodes {
-        let db = dir.path().join(format!("n{i}.db"));
         let url = children.spawn_server(
             &format!("n{i}"),
             Role::Node,
             &bin,
-            &[
-                "node".into(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--db".into(),
-                db.display().to_string(),
-                "--synchronous".into(),
-                args.synchronous.name().into(),
-            ],
+            &node_args(i, "127.0.0.1:0", args.synchronous),
             dir.path(),
         )?;
         node_urls.push(url);
@@ -386,6 +392,51 @@ async fn run(args: Args) -> anyhow::Result<()> {
         plain.push(p);
     }
 
+    // Durability: the same PUT rows again with the nodes restarted at synchronous=NORMAL, on
+    // the same files and ports (the proxy keeps its node URLs).
+    let mut normal = Vec::new();
+    if args.synchronous == Synchronous::Full && !args.no_durability {
+        println!("restarting the nodes with --synchronous normal ...");
+        for (i, url) in node_urls.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            children.stop(&name);
+            let listen = url_addr(url)?.to_string();
+            let again = children.spawn_server(
+                &name,
+                Role::Node,
+                &bin,
+                &node_args(i + 1, &listen, Synchronous::Normal),
+                dir.path(),
+            )?;
+            ensure!(again == *url, "{name} came back at {again}, not {url}");
+        }
+        wait_until_proxy_writes(&client, &proxy_url, &node_urls, args.rows).await?;
+        for (name, endpoints) in &targets {
+            if !matches!(*name, "direct (n1)" | "proxy") {
+                continue;
+            }
+            let Some(endpoints) = endpoints else { continue };
+            print!("{:<12} PUT at synchronous=NORMAL ... ", name);
+            std::io::Write::flush(&mut std::io::stdout())?;
+            let before = NodeCounters::take(&client, &node_urls).await?;
+            let mut result = run_phase(&args, endpoints, Op::Put, &children).await?;
+            result.counters = NodeCounters::take(&client, &node_urls).await?.minus(before);
+            println!(
+                "{:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+                result.rps(),
+                result.quantile_ms(0.5),
+                result.quantile_ms(0.99),
+                result.errors
+            );
+            normal.push(PhaseRow {
+                target: name,
+                op: Op::Put,
+                result: Some(result),
+            });
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     children.stop_all();
 
     let report = Report {
@@ -397,6 +448,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         results: &results,
         batch: &batch,
         plain: &plain,
+        normal: &normal,
     };
     let table = report.table();
     println!("\n{table}");
@@ -506,6 +558,17 @@ impl Children {
             .filter(|p| p.role == role)
             .map(|p| p.child.id())
             .collect()
+    }
+
+    /// Stops the child named `name` as [`Children::stop_all`] does, and forgets it.
+    fn stop(&mut self, name: &str) {
+        let Some(i) = self.procs.iter().position(|p| p.name == name) else {
+            return;
+        };
+        let mut one = Children {
+            procs: vec![self.procs.remove(i)],
+        };
+        one.stop_all();
     }
 
     /// Stops every child: SIGTERM, then SIGKILL for those still running after 3 s.
@@ -1179,6 +1242,33 @@ fn routed(node_urls: &[String], rows: usize) -> anyhow::Result<Endpoints> {
         .collect()
 }
 
+/// Waits until a PUT through the proxy succeeds for a key of every node (after the nodes
+/// restarted, the proxy's pooled connections to them are stale and its health check may
+/// hold a node down for a moment).
+async fn wait_until_proxy_writes(
+    client: &SetupClient,
+    proxy_url: &str,
+    node_urls: &[String],
+    rows: usize,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (_, keys) in routed(node_urls, rows)? {
+        let key = keys.and_then(|k| k.first().copied()).unwrap_or(0);
+        let url = format!("{proxy_url}/v1/tables/kv/rows/k{key}");
+        let body: Bytes = json!({ "v": value(key) }).to_string().into();
+        loop {
+            match call_ok(client, Method::PUT, &url, Some(body.clone())).await {
+                Ok(_) => break,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.context("the proxy does not write after the restart")),
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn run_phase(
     args: &Args,
     endpoints: &Endpoints,
@@ -1489,6 +1579,9 @@ struct Report<'a> {
     results: &'a [PhaseRow],
     batch: &'a [BatchResult],
     plain: &'a [BatchResult],
+    /// PUT rows with the nodes at synchronous=NORMAL (direct (n1) and proxy); empty when not
+    /// measured.
+    normal: &'a [PhaseRow],
 }
 
 impl Report<'_> {
@@ -1593,16 +1686,18 @@ impl Report<'_> {
     /// Measurements during which something outside the bench used the machine.
     fn noisy(&self) -> Vec<String> {
         let secs = self.args.duration_secs as f64;
-        let mut noisy: Vec<String> = self
-            .results
-            .iter()
-            .filter_map(|r| {
-                let res = r.result.as_ref()?;
-                let other = res.cpu.other() / secs;
-                (other > NOISE_CORES)
-                    .then(|| format!("{} {} ({other:.2} cores)", r.target, r.op.name()))
-            })
-            .collect();
+        let at = |rows: &[PhaseRow], suffix: &'static str| {
+            rows.iter()
+                .filter_map(|r| {
+                    let res = r.result.as_ref()?;
+                    let other = res.cpu.other() / secs;
+                    (other > NOISE_CORES)
+                        .then(|| format!("{} {}{suffix} ({other:.2} cores)", r.target, r.op.name()))
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut noisy = at(self.results, "");
+        noisy.extend(at(self.normal, " at NORMAL"));
         for (what, rounds) in [("proxy", self.batch), ("SQLite", self.plain)] {
             for (i, r) in rounds.iter().enumerate() {
                 if r.other_cores() > NOISE_CORES {
@@ -1715,7 +1810,56 @@ impl Report<'_> {
             "≥ 0.7".into(),
             Some(ratio >= 0.7),
         ));
+        for target in ["direct (n1)", "proxy"] {
+            let what = format!("durable PUT, {target}: synchronous=FULL / NORMAL req/s");
+            match (self.find(target, Op::Put), self.find_normal(target)) {
+                (Some(full), Some(normal)) => {
+                    let ratio = full.rps() / normal.rps();
+                    rows.push((
+                        what,
+                        format!("{ratio:.2}"),
+                        "≥ 0.8".into(),
+                        Some(ratio >= 0.8),
+                    ));
+                }
+                _ => rows.push((what, "not measured".into(), "≥ 0.8".into(), None)),
+            }
+        }
         rows
+    }
+
+    fn find_normal(&self, target: &str) -> Option<&PhaseResult> {
+        self.normal
+            .iter()
+            .find(|r| r.target == target)?
+            .result
+            .as_ref()
+    }
+
+    /// The PUT rows at FULL beside the same rows at NORMAL.
+    fn durability_table(&self) -> String {
+        let mut t = String::from(
+            "| path | PUT req/s, FULL | p99 ms, FULL | PUT req/s, NORMAL | p99 ms, NORMAL | FULL / NORMAL | writes per commit, FULL / NORMAL |\n\
+             |---|---:|---:|---:|---:|---:|---|\n",
+        );
+        for target in ["direct (n1)", "proxy"] {
+            if let (Some(full), Some(normal)) =
+                (self.find(target, Op::Put), self.find_normal(target))
+            {
+                let _ = writeln!(
+                    t,
+                    "| {target} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {} / {} |",
+                    full.rps(),
+                    full.quantile_ms(0.99),
+                    normal.rps(),
+                    normal.quantile_ms(0.99),
+                    full.rps() / normal.rps(),
+                    NodeCounters::per(full.counters.writes, full.counters.commits),
+                    NodeCounters::per(normal.counters.writes, normal.counters.commits),
+                );
+            }
+        }
+        t
     }
 
     fn targets(&self) -> String {
@@ -1853,7 +1997,7 @@ impl Report<'_> {
              same rows into a fresh SQLite file with rusqlite in the bench process: WAL, \
              `synchronous={}` (the nodes run with the same setting), one transaction per {} \
              rows, a prepared `INSERT`. JSON bodies and rows are built before the clock starts. \
-             The ratio is of the medians.\n",
+             The ratio is of the medians.",
             a.batch_rounds,
             a.rows,
             BATCH,
@@ -1862,6 +2006,16 @@ impl Report<'_> {
             a.synchronous.pragma(),
             BATCH
         );
+        if !self.normal.is_empty() {
+            let _ = writeln!(
+                m,
+                "- Durability, last: the node processes stopped (SIGTERM) and started again on \
+                 the same files and ports with `--synchronous normal`, then the PUT rows of \
+                 direct (n1) and the proxy again, with the same load; the tables then also hold \
+                 the batch rows."
+            );
+        }
+        m.push('\n');
 
         let _ = writeln!(m, "## Results\n");
         m.push_str(&self.table());
@@ -1933,6 +2087,19 @@ impl Report<'_> {
             );
         }
 
+        if !self.normal.is_empty() {
+            let _ = writeln!(m, "## Durability\n");
+            let _ = writeln!(
+                m,
+                "After the rows above, the nodes were stopped and started again on the same \
+                 files and ports with `--synchronous normal` (an acknowledged write survives a \
+                 crash of the process, not of the machine), and the PUT rows ran again. With \
+                 `full` (the default) every group commit syncs the WAL, so an acknowledged write \
+                 survives power loss too.\n"
+            );
+            m.push_str(&self.durability_table());
+            m.push('\n');
+        }
         let _ = writeln!(m, "## Targets (issue 5)\n");
         m.push_str(&self.targets());
         let _ = writeln!(
