@@ -8,7 +8,8 @@
 //!   is `s`, and reading that key back (as text or as its JSON) gives the same key;
 //! - a JSON key routes as the text that names it (a string as itself, an integer as its
 //!   decimal), and that text reads back as the same key;
-//! - a stored key (`to_sql`) has the same routing text and hash as the key;
+//! - a stored key (`to_sql`) has the same routing text and hash as the key, also once stored
+//!   in a real column of that affinity (where SQLite may turn text into a number);
 //! - `json_to_sql` then `sql_to_json` gives back the value the contract promises, through a
 //!   real SQLite statement too, and storing that answer again stores the same value.
 
@@ -33,9 +34,42 @@ const AFFINITIES: [Affinity; 5] = [
 ];
 
 thread_local! {
-    /// An in-memory SQLite, to bind values and read them back.
-    static SQLITE: RefCell<Connection> =
-        RefCell::new(Connection::open_in_memory().expect("an in-memory database opens"));
+    /// An in-memory SQLite, to bind values and read them back, with a one-column table per
+    /// affinity (`k_integer`, ...).
+    static SQLITE: RefCell<Connection> = RefCell::new({
+        let conn = Connection::open_in_memory().expect("an in-memory database opens");
+        conn.execute_batch(
+            "CREATE TABLE k_integer (k INTEGER); CREATE TABLE k_text (k TEXT);
+             CREATE TABLE k_real (k REAL); CREATE TABLE k_numeric (k NUMERIC);
+             CREATE TABLE k_blob (k);",
+        )
+        .expect("the key tables are created");
+        conn
+    });
+}
+
+/// The routing text of `key` once SQLite stored it in a column of `affinity`.
+fn stored_routing_text(key: &ShardKey, affinity: Affinity) -> Option<String> {
+    let table = match affinity {
+        Affinity::Integer => "k_integer",
+        Affinity::Text => "k_text",
+        Affinity::Real => "k_real",
+        Affinity::Numeric => "k_numeric",
+        Affinity::Blob => "k_blob",
+    };
+    SQLITE.with(|db| {
+        let db = db.borrow();
+        let text = db
+            .query_row(
+                &format!("INSERT INTO {table} VALUES (?1) RETURNING k"),
+                [key.to_sql()],
+                |row| Ok(routing_text_of(row.get_ref(0)?)),
+            )
+            .expect("a key is stored");
+        db.execute(&format!("DELETE FROM {table}"), [])
+            .expect("the key table empties");
+        text
+    })
 }
 
 /// What every key that parsed must satisfy.
@@ -65,6 +99,11 @@ fn check_key(key: &ShardKey, affinity: Affinity) {
         Some(shardlite_ring::hash_key(&text)),
         "a stored key hashes like the key"
     );
+    assert_eq!(
+        stored_routing_text(key, affinity).as_deref(),
+        Some(&*text),
+        "a key stored in a {affinity:?} column routes as the key"
+    );
 }
 
 fn check_text_key(text: &str, affinity: Affinity) {
@@ -80,6 +119,9 @@ fn check_text_key(text: &str, affinity: Affinity) {
         Err(KeyError::Empty) => assert!(text.is_empty()),
         Err(KeyError::TooLong(n)) => assert!(n == text.len() && n > MAX_KEY_BYTES),
         Err(KeyError::NotInteger(_)) => assert_eq!(affinity, Affinity::Integer),
+        Err(KeyError::StoredAsNumber { .. }) => {
+            assert!(matches!(affinity, Affinity::Real | Affinity::Numeric))
+        }
         Err(KeyError::WrongType(what)) => panic!("text read as {what}"),
     }
 }

@@ -6,6 +6,13 @@
 //! `+1`, `4.0` or ` 1`), so one row has exactly one spelling and so one owner. For every other
 //! affinity a key is text, and a JSON integer is taken as its decimal text.
 //!
+//! A `real` or `numeric` column stores text that reads as a number as that number: `042`,
+//! `42.0` and ` 42` would all be the row `42` on whichever node each spelling routes to, and a
+//! REAL has no routing text at all. So for those affinities a key that looks like a number is
+//! refused ([`KeyError::StoredAsNumber`]), except, for `numeric`, an integer in canonical
+//! decimal, which is stored as that INTEGER and routes as the same text. Every key that is
+//! accepted is stored with the routing text it came with.
+//!
 //! A key already stored in SQLite has a routing text too ([`routing_text_of`]): an INTEGER is
 //! its decimal text, a TEXT itself. A REAL, BLOB or NULL key has none: no [`ShardKey`] can
 //! spell it, so the proxy never routes to it, and a rebalance never matches it against a hash
@@ -67,6 +74,15 @@ pub enum KeyError {
     NotInteger(String),
     #[error("a key must be a JSON string or integer, not {0}")]
     WrongType(&'static str),
+    #[error(
+        "{text:?} would be stored as a number in this {affinity:?} key column, and then no longer \
+         route as it is written: {hint}"
+    )]
+    StoredAsNumber {
+        text: String,
+        affinity: Affinity,
+        hint: &'static str,
+    },
 }
 
 impl ShardKey {
@@ -77,10 +93,11 @@ impl ShardKey {
             Value::String(s) => ShardKey::from_text(s, affinity),
             Value::Number(n) => match (n.as_i64(), affinity) {
                 (Some(i), Affinity::Integer) => Ok(ShardKey::Integer(i)),
-                (Some(i), _) => Ok(ShardKey::Text(i.to_string())),
+                // Its decimal text, read by the column's affinity.
+                (Some(i), _) => ShardKey::from_text(&i.to_string(), affinity),
                 // u64 beyond i64: still a JSON integer, so text for text-like affinities.
                 (None, Affinity::Integer) => Err(KeyError::NotInteger(n.to_string())),
-                (None, _) if n.is_u64() => Ok(ShardKey::Text(n.to_string())),
+                (None, _) if n.is_u64() => ShardKey::from_text(&n.to_string(), affinity),
                 (None, _) => Err(KeyError::WrongType("a fractional number")),
             },
             Value::Null => Err(KeyError::WrongType("null")),
@@ -104,6 +121,24 @@ impl ShardKey {
                 Ok(i) if i.to_string() == s => Ok(ShardKey::Integer(i)),
                 _ => Err(KeyError::NotInteger(s.to_owned())),
             },
+            Affinity::Real | Affinity::Numeric if looks_numeric(s) => {
+                let canonical_integer = s.parse::<i64>().is_ok_and(|i| i.to_string() == s);
+                if affinity == Affinity::Numeric && canonical_integer {
+                    Ok(ShardKey::Text(s.to_owned()))
+                } else {
+                    Err(KeyError::StoredAsNumber {
+                        text: s.to_owned(),
+                        affinity,
+                        hint: if affinity == Affinity::Numeric {
+                            "write an integer key in canonical decimal (like 42), or use keys \
+                             that are not numbers"
+                        } else {
+                            "a REAL key column stores numbers as REAL, which cannot be routed; \
+                             use keys that are not numbers, or declare the key INTEGER or TEXT"
+                        },
+                    })
+                }
+            }
             Affinity::Text | Affinity::Real | Affinity::Numeric | Affinity::Blob => {
                 Ok(ShardKey::Text(s.to_owned()))
             }
@@ -148,6 +183,46 @@ impl Serialize for ShardKey {
             ShardKey::Text(s) => serializer.serialize_str(s),
         }
     }
+}
+
+/// Whether SQLite might read `s` as a number when it is stored in a REAL or NUMERIC column:
+/// up to its first NUL (SQLite reads no further, as the fuzzer found) and between the white
+/// space SQLite skips, a decimal number: a sign, digits, a `.` and more digits (at least one
+/// digit in all), and an exponent. A little more than SQLite converts (`_` counts as a digit,
+/// and `1e` with no exponent digits passes), so a key that does not pass is surely stored as
+/// the TEXT it is.
+fn looks_numeric(s: &str) -> bool {
+    let s = s.split('\0').next().unwrap_or_default();
+    let s = s.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r'));
+    let b = s.as_bytes();
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(|c| c.is_ascii_digit() || *c == b'_') {
+            *i += 1;
+        }
+        *i > start
+    };
+    let mut i = 0;
+    if matches!(b.first(), Some(b'+' | b'-')) {
+        i += 1;
+    }
+    let whole = digits(&mut i);
+    let mut fraction = false;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        fraction = digits(&mut i);
+    }
+    if !whole && !fraction {
+        return false;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        digits(&mut i);
+    }
+    i == b.len() && b.iter().any(u8::is_ascii_digit)
 }
 
 /// The routing text of a key as SQLite stores it: INTEGER `i` → `i.to_string()`, TEXT `s` →
@@ -266,6 +341,124 @@ mod tests {
             ));
         }
         assert_eq!(ShardKey::from_json(&json!(""), text), Err(KeyError::Empty));
+    }
+
+    #[test]
+    fn number_like_keys_of_real_and_numeric_columns_are_refused() {
+        let (real, numeric) = (Affinity::Real, Affinity::Numeric);
+        assert_eq!(
+            ShardKey::from_text("42", numeric),
+            Ok(ShardKey::Text("42".into()))
+        );
+        assert_eq!(
+            ShardKey::from_json(&json!(-7), numeric),
+            Ok(ShardKey::Text("-7".into()))
+        );
+        for bad in [
+            "042",
+            "+1",
+            "4.0",
+            " 1",
+            "1e3",
+            "-0",
+            "1.5",
+            "9223372036854775808",
+        ] {
+            assert!(
+                matches!(
+                    ShardKey::from_text(bad, numeric),
+                    Err(KeyError::StoredAsNumber { .. })
+                ),
+                "{bad:?} should be refused"
+            );
+        }
+        for bad in ["42", "1.5", " 1"] {
+            assert!(
+                matches!(
+                    ShardKey::from_text(bad, real),
+                    Err(KeyError::StoredAsNumber { .. })
+                ),
+                "{bad:?} should be refused"
+            );
+        }
+        assert!(ShardKey::from_json(&json!(42), real).is_err());
+        assert!(ShardKey::from_json(&json!(u64::MAX), numeric).is_err());
+        for fine in ["abc", "0x10", "u1", "2024-01-01", "1a", "e", "-"] {
+            assert_eq!(
+                ShardKey::from_text(fine, real),
+                Ok(ShardKey::Text(fine.into()))
+            );
+            assert_eq!(
+                ShardKey::from_text(fine, numeric),
+                Ok(ShardKey::Text(fine.into()))
+            );
+        }
+    }
+
+    /// Every key a column of each affinity accepts is stored (through SQLite's own affinity
+    /// rules) as a value that routes as the key does.
+    #[test]
+    fn accepted_keys_are_stored_as_they_route() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let columns = [
+            (Affinity::Integer, "INTEGER"),
+            (Affinity::Text, "TEXT"),
+            (Affinity::Real, "REAL"),
+            (Affinity::Numeric, "NUMERIC"),
+            (Affinity::Blob, ""),
+        ];
+        let spellings = [
+            "42",
+            "042",
+            "+42",
+            "42.0",
+            " 42",
+            "42 ",
+            "4.2e1",
+            "1e999",
+            "-0",
+            "0",
+            "1.5",
+            ".5",
+            "5.",
+            "1_000",
+            "0x10",
+            "abc",
+            "2024-01-01",
+            "9223372036854775808",
+            "-7",
+            "1e",
+            "+",
+            "370\0x}",
+            "42\0",
+            "\0 42",
+            "1-2",
+            "- 1",
+        ];
+        for (affinity, declared) in columns {
+            assert_eq!(affinity_of(declared), affinity);
+            conn.execute_batch(&format!(
+                "DROP TABLE IF EXISTS t; CREATE TABLE t (k {declared})"
+            ))
+            .unwrap();
+            for text in spellings {
+                let Ok(key) = ShardKey::from_text(text, affinity) else {
+                    continue;
+                };
+                let stored = conn
+                    .query_row(
+                        "INSERT INTO t VALUES (?1) RETURNING k",
+                        [key.to_sql()],
+                        |r| Ok(routing_text_of(r.get_ref(0)?)),
+                    )
+                    .unwrap();
+                assert_eq!(
+                    stored.as_deref(),
+                    Some(&*key.routing_text()),
+                    "{text:?} in a {declared:?} column"
+                );
+            }
+        }
     }
 
     #[test]

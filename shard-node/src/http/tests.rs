@@ -717,6 +717,73 @@ async fn integer_keys_must_be_canonical() {
     );
 }
 
+/// A NUMERIC or REAL key column stores text that reads as a number as that number: `042`
+/// would be the row `42` under another routing text, so such keys are refused; a canonical
+/// integer is stored as the INTEGER it routes as, and other text as itself.
+#[tokio::test]
+async fn number_like_keys_of_numeric_and_real_columns_are_refused() {
+    let node = TestNode::new().await;
+    let request = json!({"migrations": [
+        {"version": 3, "name": "numeric_keys",
+         "sql": "CREATE TABLE prices (id NUMERIC PRIMARY KEY, p INTEGER); \
+                 CREATE TABLE temps (id REAL PRIMARY KEY, t INTEGER);"},
+    ]});
+    let (status, body) = node.call("POST", "/v1/migrations", Some(request)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let put = |table: &'static str, key: &'static str| {
+        let node = &node;
+        async move {
+            node.call(
+                "PUT",
+                &format!("/v1/tables/{table}/rows/{key}"),
+                Some(json!({"p": 1})),
+            )
+            .await
+        }
+    };
+    for (table, bad) in [
+        ("prices", "042"),
+        ("prices", "4.0"),
+        ("prices", "%2042"),
+        ("prices", "1e3"),
+        ("temps", "42"),
+        ("temps", "4.5"),
+    ] {
+        let (status, body) = put(table, bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{table} {bad}: {body}");
+        assert!(
+            error_of(&body).contains("stored as a number"),
+            "{table} {bad}: {body}"
+        );
+    }
+    let (status, body) = put("prices", "42").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = put("prices", "2024-01-01").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = node
+        .call("PUT", "/v1/tables/temps/rows/t1", Some(json!({"t": 1})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        node.query("SELECT typeof(id) FROM prices ORDER BY id")
+            .await,
+        [json!(["integer"]), json!(["text"])]
+    );
+    // A batch is checked the same way, and nothing of it is stored.
+    let (status, body) = node
+        .call(
+            "POST",
+            "/v1/tables/prices/rows",
+            Some(json!({"rows": [{"id": "7", "p": 1}, {"id": "07", "p": 2}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        node.query("SELECT count(*) FROM prices").await,
+        [json!([2])]
+    );
+}
+
 #[tokio::test]
 async fn put_updates_only_the_named_columns() {
     let node = TestNode::new().await;
