@@ -15,6 +15,7 @@ use crate::error::NodeError;
 use crate::fence;
 use crate::guard;
 use crate::migrate;
+use crate::written;
 
 /// A pooled connection.
 pub(crate) type Conn = PooledConnection<NodeManager>;
@@ -213,6 +214,8 @@ fn configure(conn: &mut Connection, settings: Settings) -> rusqlite::Result<()> 
         conn.set_limit(limit, value)?;
     }
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // Notes the rows keyed SQL inserts or updates (see `written`); idle outside it.
+    written::install(conn)?;
     guard::install(conn)
 }
 

@@ -21,6 +21,21 @@ use crate::value::ValueError;
 /// The response header that marks a refusal by a fence (409).
 pub const FENCED_HEADER: &str = "x-shardlite-fenced";
 
+/// The message of [`NodeError::StrayWrite`].
+fn stray_message(table: &str, key: Option<&str>, keys: &[String]) -> String {
+    let row = key.map_or_else(
+        || "a row whose key does not route (NULL, REAL or BLOB)".to_owned(),
+        |key| format!("the row with key {key:?}"),
+    );
+    let named: Vec<String> = keys.iter().map(|k| format!("{k:?}")).collect();
+    format!(
+        "keyed SQL may insert or update rows under its own key ({}) only, and this wrote {row} \
+         in table {table:?}: every row lives on the shard its own key routes to, so write that \
+         row with its own key",
+        named.join(", ")
+    )
+}
+
 /// Everything that can go wrong in a node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -72,6 +87,13 @@ pub enum NodeError {
     StatementTimeout(Duration),
     #[error("{0}")]
     MigrationConflict(String),
+    /// Keyed SQL inserted or updated a row under another key (see `written`).
+    #[error("{}", stray_message(.table, .key.as_deref(), .keys))]
+    StrayWrite {
+        table: String,
+        key: Option<String>,
+        keys: Vec<String>,
+    },
     /// A client write touched a key in a fenced range (a rebalance is moving it).
     #[error(
         "key {0} is in a range that is moving to another node (rebalance in progress); retry shortly"
@@ -145,6 +167,7 @@ impl NodeError {
             },
             NodeError::InvalidPath(_)
             | NodeError::InvalidRequest(_)
+            | NodeError::StrayWrite { .. }
             | NodeError::InvalidKey(_)
             | NodeError::InvalidValue(_)
             | NodeError::UnknownColumn { .. }

@@ -30,6 +30,7 @@ use crate::schema::SchemaResponse;
 use crate::sql::{self, Limits, SqlRequest, SqlResponse};
 use crate::state::NodeState;
 use crate::stats::{self, StatsResponse};
+use crate::written;
 
 /// Every endpoint of `docs/node-api.md`, with request tracing and the body size limit.
 pub fn router(state: NodeState) -> Router {
@@ -333,9 +334,15 @@ async fn run_sql(
             })
             .await?
     } else {
+        // Keyed SQL may insert or update rows under its key only (`written`).
+        let keys: Vec<String> = key.into_iter().collect();
+        let watched = keys.clone();
+        let on_writer = state.clone();
         state
-            .client_write(key.into_iter().collect(), statements.len(), move |conn| {
-                sql::write(conn, &statements, limits)
+            .client_write(keys, statements.len(), move |conn| {
+                written::within(conn, &on_writer.schema(), &watched, || {
+                    sql::write(conn, &statements, limits)
+                })
             })
             .await?
     };

@@ -50,6 +50,12 @@
 //! transaction) is reported broken to r2d2 at check-in, so the pool drops it; the writer
 //! closes its connection in that case and opens a new one for the next job.
 //!
+//! **Placement.** Keyed SQL may insert or update rows under its own key only (`written`): a
+//! request that would change a key, write another key's row, or let SQLite number an `INTEGER
+//! PRIMARY KEY` is refused with a 400, so it leaves no row on a shard its key does not route
+//! to. SQLite's update hook notes the rows; their keys are read again before the request's
+//! savepoint is released.
+//!
 //! **Rebalance.** While a range moves, the proxy has the source capture changes (triggers
 //! that log every written key into `_shardlite_changes`) and, for the final drain, puts a
 //! *fence* on the range. Every client write is checked against the fences inside its group's
@@ -101,6 +107,7 @@ pub mod stats;
 pub mod transfer;
 pub mod value;
 mod writer;
+mod written;
 
 pub use config::{DEFAULT_MMAP_BYTES, NodeConfig, Synchronous};
 pub use error::NodeError;

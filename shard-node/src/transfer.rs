@@ -709,7 +709,10 @@ pub(crate) enum PurgeFrom {
 
 /// The name that reaches `table`'s rowid: none for a `WITHOUT ROWID` table, nor when its
 /// columns shadow every alias.
-fn rowid_alias(conn: &Connection, table: &str) -> rusqlite::Result<Option<&'static str>> {
+pub(crate) fn rowid_alias(
+    conn: &Connection,
+    table: &str,
+) -> rusqlite::Result<Option<&'static str>> {
     let without_rowid: bool = conn
         .prepare_cached("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1")?
         .query_row([table], |row| row.get(0))?;

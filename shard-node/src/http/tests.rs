@@ -375,6 +375,52 @@ async fn keyless_writes_need_a_key() {
     assert_eq!(node.user_count().await, 1);
 }
 
+/// Keyed SQL runs on the shard that owns its key, so it may insert or update rows under that
+/// key only: a row with another key would land where that key does not route (`written`).
+#[tokio::test]
+async fn keyed_sql_may_insert_or_update_only_rows_under_its_key() {
+    let node = TestNode::new().await;
+    for (key, name) in [("alice", "Alice"), ("bob", "Bob")] {
+        let uri = format!("/v1/tables/users/rows/{key}");
+        let (status, body) = node.call("PUT", &uri, Some(json!({"name": name}))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let stray = |key: &str| {
+        format!(
+            "keyed SQL may insert or update rows under its own key (\"alice\") only, and this wrote the row with key {key:?} in table \"users\""
+        )
+    };
+    for (sql, key) in [
+        ("UPDATE users SET id = 'zed' WHERE id = 'alice'", "zed"),
+        ("UPDATE users SET name = 'x' WHERE id = 'bob'", "bob"),
+        ("INSERT INTO users (id) VALUES ('carol')", "carol"),
+    ] {
+        let (status, body) = node.sql(json!({"key": "alice", "sql": sql})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{sql}: {body}");
+        assert!(error_of(&body).starts_with(&stray(key)), "{sql}: {body}");
+        node.assert_writer_clean();
+    }
+    // A statement list is refused whole, its first statement's work included.
+    let (status, body) = node
+        .sql(json!({"key": "alice", "statements": [
+            {"sql": "UPDATE users SET name = 'Al' WHERE id = 'alice'"},
+            {"sql": "INSERT INTO users (id) VALUES ('carol')"},
+        ]}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        node.query("SELECT id, name FROM users ORDER BY id").await,
+        [json!(["alice", "Alice"]), json!(["bob", "Bob"])],
+        "refused writes changed nothing"
+    );
+    // Under its own key, keyed SQL writes as before.
+    let (status, body) = node
+        .sql(json!({"key": "alice", "sql": "UPDATE users SET name = 'Al' WHERE id = 'alice'"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"][0]["rows_affected"], 1);
+}
+
 #[tokio::test]
 async fn one_statement_per_sql_string() {
     let node = node_with_a_user().await;

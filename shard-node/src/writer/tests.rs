@@ -471,11 +471,12 @@ async fn a_fence_queued_behind_writes_commits_after_them() {
                 "/v1/tables/users/rows/k1",
                 Some(json!({"name": "after"})),
             ),
-            // Routed by an unfenced key, writes a fenced one: caught by the change log.
+            // Names no key (the node called directly), writes a fenced one: caught by the
+            // change log. (Keyed SQL may not update another key at all: `written`.)
             (
                 "POST",
                 "/v1/sql",
-                Some(json!({"key": "k3", "sql": "UPDATE users SET name = 'x' WHERE id = 'k2'"})),
+                Some(json!({"sql": "UPDATE users SET name = 'x' WHERE id = 'k2'"})),
             ),
         ],
     )
@@ -553,6 +554,16 @@ async fn a_writer_connection_that_carries_state_is_replaced() {
         .call("PUT", "/v1/tables/kept/rows/x", Some(json!({})))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // The new connection checks keyed SQL too, in the migration's new table as well.
+    let (status, body) = node
+        .sql(json!({"key": "x", "sql": "INSERT INTO kept (id) VALUES ('y')"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        read(&node, "SELECT id FROM kept").await,
+        [json!(["x"])],
+        "the refused write changed nothing"
+    );
 }
 
 /// A job that changes `synchronous` for one commit (a purge page) must put it back; if the

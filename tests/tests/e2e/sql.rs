@@ -1,5 +1,5 @@
 use serde_json::json;
-use shardlite_tests::{Client, TestCluster};
+use shardlite_tests::{Client, TestCluster, assert_verified};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_statement_list_is_one_transaction_on_the_keys_shard() {
@@ -38,6 +38,55 @@ async fn a_keyed_statement_list_is_one_transaction_on_the_keys_shard() {
         404,
         "rolled back"
     );
+    cluster.stop().await;
+}
+
+/// Keyed SQL runs on its key's shard, so a statement that would write a row under another key
+/// (which belongs where that key routes) is refused, and nothing ends up misplaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_sql_that_writes_another_key_is_refused_and_nothing_is_misplaced() {
+    let cluster = TestCluster::start(3).await;
+    let c = &cluster.client;
+    assert_eq!(
+        c.put(
+            &Client::row_path("users", "alice"),
+            json!({ "name": "Alice" })
+        )
+        .await
+        .0,
+        200
+    );
+    for sql in [
+        "UPDATE users SET id = 'zed' WHERE id = 'alice'",
+        "INSERT INTO users (id, name) VALUES ('other', 'x')",
+    ] {
+        let (status, body) = c
+            .post("/v1/sql", json!({ "key": "alice", "sql": sql }))
+            .await;
+        assert_eq!(status, 400, "{sql}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("may insert or update rows under its own key")),
+            "{body}"
+        );
+    }
+    // An order id SQLite would pick itself is not the routing key either.
+    let (status, body) = c
+        .post(
+            "/v1/sql",
+            json!({ "key": "alice", "sql": "INSERT INTO orders (user_id) VALUES ('alice')" }),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, row) = c.get(&Client::row_path("users", "alice")).await;
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(row["name"], "Alice");
+    for other in ["zed", "other"] {
+        assert_eq!(c.get(&Client::row_path("users", other)).await.0, 404);
+    }
+    let report = assert_verified(c).await;
+    assert_eq!(report["rows_total"], 1, "{report}");
     cluster.stop().await;
 }
 

@@ -155,11 +155,16 @@ async fn capture_logs_every_write_path() {
         Some(json!({"name": "Ann"})),
     )
     .await;
-    // Keyed SQL routed by one key that writes another.
     let (status, body) = node
-        .sql(json!({"key": "u1", "sql": "UPDATE counters SET n = 5 WHERE id = 1"}))
+        .sql(json!({"key": "u1", "sql": "UPDATE users SET name = 'Bo' WHERE id = 'u1'"}))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // An update of another key's row: keyed SQL may not make one (`written`), but the node's
+    // own writes are logged all the same.
+    node.state.with_writer_for_test(|conn| {
+        conn.execute("UPDATE counters SET n = 5 WHERE id = 1", [])
+            .unwrap();
+    });
     ok(&node, "DELETE", "/v1/tables/users/rows/b", None).await;
     ok(
         &node,
@@ -177,7 +182,7 @@ async fn capture_logs_every_write_path() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(get_user(&node, "a").await.0, StatusCode::NOT_FOUND);
 
-    let mut expected = users(&["u1"]);
+    let mut expected = users(&["u1", "u1"]);
     expected.push(("counters".into(), json!(1)));
     expected.extend(users(&["b", "c", "d", "a", "e"]));
     assert_eq!(changes_after(&node, 0).await, expected);
@@ -188,13 +193,14 @@ async fn a_key_change_logs_both_keys_and_other_updates_one() {
     let node = TestNode::new().await;
     ok(&node, "PUT", "/v1/tables/users/rows/c", Some(json!({}))).await;
     capture_on(&node).await;
-    let (status, body) = node
-        .sql(json!({"key": "c", "statements": [
-            {"sql": "UPDATE users SET id = 'z' WHERE id = 'c'"},
-            {"sql": "UPDATE users SET name = 'n' WHERE id = 'z'"},
-        ]}))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    // Keyed SQL may not change a key (`written`); the node's own writes still log both.
+    node.state.with_writer_for_test(|conn| {
+        conn.execute_batch(
+            "UPDATE users SET id = 'z' WHERE id = 'c';
+             UPDATE users SET name = 'n' WHERE id = 'z';",
+        )
+        .unwrap();
+    });
     assert_eq!(changes_after(&node, 0).await, users(&["c", "z", "z"]));
 }
 
@@ -354,18 +360,20 @@ async fn fenced_keys_refuse_every_write_path_and_still_read() {
         "u1",
     )
     .await;
-    // Routed by an unfenced key, but writes a fenced one: caught by the change log.
-    assert_fenced(
-        &node,
-        "POST",
-        "/v1/sql",
-        json!({"key": "u2", "statements": [
+    // Routed by an unfenced key, but updates a fenced one: refused, as an update of another
+    // key always is (`written`).
+    let (status, body) = node
+        .sql(json!({"key": "u2", "statements": [
             {"sql": "INSERT INTO users (id) VALUES ('u2')"},
             {"sql": "UPDATE users SET name = 'X' WHERE id = 'u1'"},
-        ]}),
-        "u1",
-    )
-    .await;
+        ]}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        error_of(&body).contains("this wrote the row with key \"u1\""),
+        "{body}"
+    );
+    // Names no key (the node called directly): the change log catches the fenced key.
     assert_fenced(
         &node,
         "POST",
@@ -653,11 +661,12 @@ async fn count_matches_scan_and_skips_keys_without_routing_text() {
         )
         .await;
     }
-    // A BLOB key has no routing text: counted in the total, never in a range.
-    let (status, body) = node
-        .sql(json!({"key": "blob", "sql": "INSERT INTO users (id) VALUES (x'0102')"}))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    // A BLOB key has no routing text: counted in the total, never in a range. (Keyed SQL may
+    // not store one: `written`.)
+    node.state.with_writer_for_test(|conn| {
+        conn.execute("INSERT INTO users (id) VALUES (x'0102')", [])
+            .unwrap();
+    });
 
     let keys: Vec<String> = (1..=50)
         .map(|i: i64| i.to_string())
