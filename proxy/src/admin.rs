@@ -1,6 +1,6 @@
 //! The admin plane under `/v1/cluster`: membership, per-node figures, verification.
 
-use crate::body::JsonBody;
+use crate::body::{self, JsonBody, RawBody};
 use crate::cluster::{self, MemberState, NodeInfo, bump_epoch};
 use crate::error::{ProxyError, ProxyResult};
 use crate::migrate::{self, MigrateRequest, MigrationStatus};
@@ -359,8 +359,10 @@ async fn add_node(
 async fn remove_node(
     State(state): State<ProxyState>,
     path: Result<Path<String>, PathRejection>,
+    RawBody(raw): RawBody,
 ) -> ProxyResult<Response> {
     let Path(id) = path?;
+    body::options::<NoOptions>(&raw)?;
     let _job = state.jobs().begin(format!("removing node {id}"))?;
     let topology = state.cluster().topology();
     let node = topology
@@ -400,23 +402,41 @@ async fn remove_node(
         .into_response())
 }
 
+/// `?dry_run=true`, or the same in a JSON body (`{"dry_run": true}`).
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct RebalanceQuery {
     dry_run: Option<bool>,
 }
 
+/// `DELETE /v1/cluster/nodes/{id}` has no options: its body may be empty, `null` or `{}`.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct NoOptions {}
+
 async fn rebalance_status(State(state): State<ProxyState>) -> Json<RebalanceStatus> {
     Json(RebalanceStatus::clone(&state.rebalance_status()))
 }
 
-/// Starts a rebalance (202), or with `?dry_run=true` answers the counted plan (200).
+/// Starts a rebalance (202), or with `?dry_run=true` answers the counted plan (200). A body
+/// may say `{"dry_run": true}` too: a body is never ignored, since one that asked for a dry run
+/// must not start a job.
 async fn start_rebalance(
     State(state): State<ProxyState>,
     query: Result<Query<RebalanceQuery>, QueryRejection>,
+    RawBody(raw): RawBody,
 ) -> ProxyResult<Response> {
     let Query(query) = query?;
-    if query.dry_run.unwrap_or(false) {
+    let in_body = body::options::<RebalanceQuery>(&raw)?.and_then(|b| b.dry_run);
+    let dry_run = match (query.dry_run, in_body) {
+        (Some(q), Some(b)) if q != b => {
+            return Err(ProxyError::BadRequest(format!(
+                "dry_run is {q} in the query and {b} in the body: give it once"
+            )));
+        }
+        (q, b) => q.or(b).unwrap_or(false),
+    };
+    if dry_run {
         let plan: DryRun = rebalance::dry_run(&state).await?;
         return Ok(Json(plan).into_response());
     }

@@ -43,6 +43,16 @@ impl<T: DeserializeOwned> FromRequest<ProxyState> for JsonBody<T> {
     }
 }
 
+/// The options an endpoint that needs no body may still carry in one: `None` for no body (empty,
+/// or JSON `null`), else the body parsed as `T`. So a body is never ignored: one that is not a
+/// `T` is a 400, not a request carried out without what it asked for.
+pub fn options<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<Option<T>, ProxyError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    parse(bytes)
+}
+
 /// Parses a JSON body into `T`, with serde's message (line, column, what was expected).
 pub fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProxyError> {
     serde_json::from_slice(bytes)
@@ -75,5 +85,39 @@ mod tests {
             serde_json::json!({"rows": [{"id": "a"}, {"id": "b", "v": [1, 2]}]})
         );
         assert_eq!(&super::splice("[", [], "]")[..], b"[]");
+    }
+
+    #[test]
+    fn options_are_absent_only_without_a_body() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        struct Flags {
+            dry_run: Option<bool>,
+        }
+        for none in ["", " \n", "null"] {
+            assert_eq!(
+                super::options::<Flags>(none.as_bytes()).unwrap(),
+                None,
+                "{none:?}"
+            );
+        }
+        assert_eq!(
+            super::options::<Flags>(b"{}").unwrap(),
+            Some(Flags { dry_run: None })
+        );
+        assert_eq!(
+            super::options::<Flags>(br#"{"dry_run": true}"#).unwrap(),
+            Some(Flags {
+                dry_run: Some(true)
+            })
+        );
+        for bad in [
+            r#"{"force": true}"#,
+            r#"{"dry_run": "yes"}"#,
+            "[]",
+            "nonsense",
+        ] {
+            assert!(super::options::<Flags>(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 }

@@ -5,9 +5,13 @@ use http::Method;
 use serde_json::{Value, json};
 use shardlite_tests::{Client, TestCluster};
 
-/// Everything a client can see, plus what it cannot: every node file's tables and ledger.
+/// Everything a client can see, plus what it cannot: every node file's tables and ledger, and
+/// the topology and the rebalance job.
 async fn snapshot(cluster: &TestCluster) -> Vec<String> {
     let mut seen = Vec::new();
+    let (status, topology) = cluster.client.get("/v1/cluster").await;
+    assert_eq!(status, 200, "{topology}");
+    seen.push(topology.to_string());
     for table in ["users", "orders"] {
         let (status, answer) = cluster
             .client
@@ -350,6 +354,42 @@ async fn every_bad_input_gets_a_4xx_and_changes_nothing() {
         (
             "SQL text over the length limit",
             (Method::POST, "/v1/sql".into(), Some(Bytes::from(long_sql))),
+            400,
+        ),
+        (
+            "rebalance options of the wrong type",
+            (
+                Method::POST,
+                "/v1/cluster/rebalance".into(),
+                Some(Bytes::from(r#"{"dry_run": "yes"}"#)),
+            ),
+            400,
+        ),
+        (
+            "a rebalance option that does not exist",
+            (
+                Method::POST,
+                "/v1/cluster/rebalance".into(),
+                Some(Bytes::from(r#"{"force": true}"#)),
+            ),
+            400,
+        ),
+        (
+            "a dry run asked for and refused at once",
+            (
+                Method::POST,
+                "/v1/cluster/rebalance?dry_run=true".into(),
+                Some(Bytes::from(r#"{"dry_run": false}"#)),
+            ),
+            400,
+        ),
+        (
+            "an option to a node's removal",
+            (
+                Method::DELETE,
+                "/v1/cluster/nodes/n1".into(),
+                Some(Bytes::from(r#"{"force": true}"#)),
+            ),
             400,
         ),
         (
