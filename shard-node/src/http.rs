@@ -337,10 +337,11 @@ async fn run_sql(
         // Keyed SQL may insert or update rows under its key only (`written`).
         let keys: Vec<String> = key.into_iter().collect();
         let watched = keys.clone();
-        let on_writer = state.clone();
+        // Not a `NodeState`: this closure is dropped after the answer (see `schema_cell`).
+        let schema = state.schema_cell();
         state
             .client_write(keys, statements.len(), move |conn| {
-                written::within(conn, &on_writer.schema(), &watched, || {
+                written::within(conn, &schema.get(), &watched, || {
                     sql::write(conn, &statements, limits)
                 })
             })

@@ -15,6 +15,18 @@ use crate::schema::{Schema, TableSchema};
 use crate::transfer;
 use crate::writer::{Shared, Writer};
 
+/// The cached schema, replaced whole after a migration; readers clone the `Arc` and drop the
+/// lock at once.
+#[derive(Clone)]
+pub(crate) struct SchemaCell(Arc<RwLock<Arc<Schema>>>);
+
+impl SchemaCell {
+    pub(crate) fn get(&self) -> Arc<Schema> {
+        // The lock only guards an `Arc` swap, so a poisoned lock still holds a whole schema.
+        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
 /// An open node. Cloning is cheap: every clone shares the same readers, writer thread and
 /// schema cache. When the last clone is dropped, the writer finishes the writes already
 /// queued and closes the file.
@@ -29,7 +41,7 @@ struct Inner {
     /// then the last to close, and closing it checkpoints the WAL and removes it.
     db: Db,
     /// Replaced whole after a migration; readers clone the `Arc` and drop the lock at once.
-    schema: RwLock<Arc<Schema>>,
+    schema: SchemaCell,
     /// Fences, capture and the write counters, which the writer thread sees too.
     shared: Arc<Shared>,
     /// Checkpoints the WAL off the writer thread. Declared before `writer`: it is stopped, and
@@ -69,7 +81,7 @@ impl NodeState {
             inner: Arc::new(Inner {
                 config,
                 db,
-                schema: RwLock::new(Arc::new(schema)),
+                schema: SchemaCell(Arc::new(RwLock::new(Arc::new(schema)))),
                 shared,
                 _checkpointer: checkpointer,
                 writer,
@@ -86,14 +98,15 @@ impl NodeState {
 
     /// The cached schema.
     pub(crate) fn schema(&self) -> Arc<Schema> {
-        // The lock only guards an `Arc` swap, so a poisoned lock still holds a whole schema.
-        Arc::clone(
-            &self
-                .inner
-                .schema
-                .read()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
+        self.inner.schema.get()
+    }
+
+    /// A handle on the cached schema that does not keep the node open: for work queued on the
+    /// writer that is dropped after it answered (a client write's closure). Holding a
+    /// `NodeState` there could make the writer thread hold the last one, and then nothing
+    /// would wait for it to close the file.
+    pub(crate) fn schema_cell(&self) -> SchemaCell {
+        self.inner.schema.clone()
     }
 
     /// A sharded table by name, or 404.
@@ -110,6 +123,7 @@ impl NodeState {
         *self
             .inner
             .schema
+            .0
             .write()
             .unwrap_or_else(PoisonError::into_inner) = schema;
         Ok(())

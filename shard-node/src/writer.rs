@@ -256,7 +256,15 @@ where
     }
 
     fn answer(self: Box<Self>, outcome: Result<(), NodeError>) {
-        let ClientWrite { output, reply, .. } = *self;
+        let ClientWrite {
+            output,
+            reply,
+            work,
+            ..
+        } = *self;
+        // The work goes before the answer: once answered, the node may be shut down, and
+        // whatever the work holds must not outlive that on this thread.
+        drop(work);
         let answer =
             outcome.map(|()| output.expect("a request that ran to its RELEASE kept its output"));
         // The client may have gone away; what was committed stays committed.

@@ -615,3 +615,32 @@ async fn dropping_the_node_finishes_queued_writes_and_closes_the_file() {
         [json!([20, 20])]
     );
 }
+
+/// What a client write's work holds is dropped before the write is answered: once answered,
+/// the node may be shut down, and if the writer thread then held the last `NodeState` (a work
+/// that kept one), nothing would wait for it to close the file.
+#[tokio::test]
+async fn a_client_writes_work_is_dropped_before_its_answer() {
+    struct SlowDrop(Arc<AtomicBool>);
+    impl Drop for SlowDrop {
+        fn drop(&mut self) {
+            // Slow enough that an answer sent first is seen before the drop ends.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let node = TestNode::new().await;
+    let dropped = Arc::new(AtomicBool::new(false));
+    let held = SlowDrop(Arc::clone(&dropped));
+    node.state
+        .client_write(vec!["k".into()], 1, move |_| {
+            let _ = &held;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the work was still alive when its answer came"
+    );
+}
