@@ -28,6 +28,7 @@
 //! through the proxy ran at half their rate.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use rusqlite::Connection;
 use rusqlite::hooks::Action;
@@ -37,12 +38,18 @@ use crate::key::routing_text_of;
 use crate::schema::{Schema, quote};
 use crate::transfer::rowid_alias;
 
-/// Rows of the main database that the write in scope inserted or updated: (table, rowid).
+/// Rows of sharded tables that the write in scope inserted or updated: (table, rowid).
 type Touched = Vec<(String, i64)>;
+
+/// What the hook fills while a write is in scope: the sharded tables, and the rows.
+struct Watch {
+    schema: Arc<Schema>,
+    touched: Touched,
+}
 
 thread_local! {
     /// Set only inside [`within`], on the thread that runs the write.
-    static TOUCHED: RefCell<Option<Touched>> = const { RefCell::new(None) };
+    static WATCH: RefCell<Option<Watch>> = const { RefCell::new(None) };
 }
 
 /// Installs the update hook on `conn`. Outside [`within`] it returns at once.
@@ -51,9 +58,13 @@ pub(crate) fn install(conn: &Connection) -> rusqlite::Result<()> {
         if db != "main" || action == Action::SQLITE_DELETE {
             return;
         }
-        TOUCHED.with(|touched| {
-            if let Some(touched) = touched.borrow_mut().as_mut() {
-                touched.push((table.to_owned(), rowid));
+        WATCH.with(|watch| {
+            // Only sharded tables' rows are kept: a write to a table of the node's own may
+            // be large, and has no key to check.
+            if let Some(watch) = watch.borrow_mut().as_mut()
+                && watch.schema.table(table).is_some()
+            {
+                watch.touched.push((table.to_owned(), rowid));
             }
         });
     }))
@@ -65,7 +76,7 @@ pub(crate) fn install(conn: &Connection) -> rusqlite::Result<()> {
 /// keyless write), `work` runs unchecked.
 pub(crate) fn within<T>(
     conn: &Connection,
-    schema: &Schema,
+    schema: &Arc<Schema>,
     keys: &[String],
     work: impl FnOnce() -> Result<T, NodeError>,
 ) -> Result<T, NodeError> {
@@ -73,12 +84,10 @@ pub(crate) fn within<T>(
         return work();
     }
     let (out, touched) = {
-        let _scope = Scope::enter();
+        let _scope = Scope::enter(Arc::clone(schema));
         let out = work()?;
-        (
-            out,
-            TOUCHED.with(|t| t.borrow_mut().take()).unwrap_or_default(),
-        )
+        let watch = WATCH.with(|w| w.borrow_mut().take());
+        (out, watch.map(|w| w.touched).unwrap_or_default())
     };
     check(conn, schema, keys, touched)?;
     Ok(out)
@@ -132,15 +141,20 @@ fn check(
 struct Scope;
 
 impl Scope {
-    fn enter() -> Scope {
-        TOUCHED.with(|t| *t.borrow_mut() = Some(Vec::new()));
+    fn enter(schema: Arc<Schema>) -> Scope {
+        WATCH.with(|w| {
+            *w.borrow_mut() = Some(Watch {
+                schema,
+                touched: Vec::new(),
+            });
+        });
         Scope
     }
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        TOUCHED.with(|t| {
+        WATCH.with(|t| {
             if let Ok(mut t) = t.try_borrow_mut() {
                 *t = None;
             }
@@ -155,7 +169,7 @@ mod tests {
     /// Stray: (table, key).
     type Stray = Option<(String, Option<String>)>;
 
-    fn setup() -> (Connection, Schema) {
+    fn setup() -> (Connection, Arc<Schema>) {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(
             "PRAGMA recursive_triggers = ON;
@@ -167,11 +181,11 @@ mod tests {
         )
         .unwrap();
         install(&conn).unwrap();
-        let schema = Schema::load(&conn).unwrap();
+        let schema = Arc::new(Schema::load(&conn).unwrap());
         (conn, schema)
     }
 
-    fn run(conn: &Connection, schema: &Schema, keys: &[&str], sql: &str) -> Stray {
+    fn run(conn: &Connection, schema: &Arc<Schema>, keys: &[&str], sql: &str) -> Stray {
         let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
         conn.execute_batch("SAVEPOINT t").unwrap();
         let got = within(conn, schema, &keys, || Ok(conn.execute_batch(sql)?));
@@ -270,7 +284,7 @@ mod tests {
     fn unchecked_without_keys_and_outside_a_scope() {
         let (conn, schema) = setup();
         conn.execute_batch("UPDATE users SET name = 'x'").unwrap();
-        assert!(TOUCHED.with(|t| t.borrow().is_none()));
+        assert!(WATCH.with(|t| t.borrow().is_none()));
         assert_eq!(
             run(&conn, &schema, &[], "UPDATE users SET id = id || '!'"),
             None
@@ -286,6 +300,16 @@ mod tests {
             },
         );
         assert!(matches!(failed, Err(NodeError::InvalidRequest(_))));
-        assert!(TOUCHED.with(|t| t.borrow().is_none()));
+        assert!(WATCH.with(|t| t.borrow().is_none()));
+        // Rows of the node's own tables are not even kept.
+        let kept = within(&conn, &schema, &["alice".to_owned()], || {
+            conn.execute_batch(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
+                 INSERT INTO local SELECT i FROM n;
+                 UPDATE users SET name = 'z' WHERE id = 'alice';",
+            )?;
+            Ok(WATCH.with(|w| w.borrow().as_ref().map(|w| w.touched.len())))
+        });
+        assert_eq!(kept.unwrap(), Some(1), "only the users row");
     }
 }
