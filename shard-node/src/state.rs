@@ -21,9 +21,17 @@ use crate::writer::{Shared, Writer};
 pub(crate) struct SchemaCell(Arc<RwLock<Arc<Schema>>>);
 
 impl SchemaCell {
+    fn new(schema: Schema) -> SchemaCell {
+        SchemaCell(Arc::new(RwLock::new(Arc::new(schema))))
+    }
+
     pub(crate) fn get(&self) -> Arc<Schema> {
         // The lock only guards an `Arc` swap, so a poisoned lock still holds a whole schema.
         Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn set(&self, schema: Schema) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(schema);
     }
 }
 
@@ -40,7 +48,6 @@ struct Inner {
     /// The readers. Declared before `writer`, so dropped first: the writer's connection is
     /// then the last to close, and closing it checkpoints the WAL and removes it.
     db: Db,
-    /// Replaced whole after a migration; readers clone the `Arc` and drop the lock at once.
     schema: SchemaCell,
     /// Fences, capture and the write counters, which the writer thread sees too.
     shared: Arc<Shared>,
@@ -81,7 +88,7 @@ impl NodeState {
             inner: Arc::new(Inner {
                 config,
                 db,
-                schema: SchemaCell(Arc::new(RwLock::new(Arc::new(schema)))),
+                schema: SchemaCell::new(schema),
                 shared,
                 _checkpointer: checkpointer,
                 writer,
@@ -119,13 +126,7 @@ impl NodeState {
 
     /// Re-reads the schema (after migrations).
     pub(crate) fn refresh_schema(&self, conn: &Connection) -> Result<(), NodeError> {
-        let schema = Arc::new(Schema::load(conn)?);
-        *self
-            .inner
-            .schema
-            .0
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = schema;
+        self.inner.schema.set(Schema::load(conn)?);
         Ok(())
     }
 

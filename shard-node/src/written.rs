@@ -105,7 +105,8 @@ fn check(
     let mut table_sql: Option<(&str, Option<String>)> = None;
     for (table, rowid) in &touched {
         if table_sql.as_ref().is_none_or(|(name, _)| name != table) {
-            // One statement per table: the key by rowid (none if the table is not sharded).
+            // One statement per table: its key by rowid (none if its columns shadow every name
+            // of the rowid; the hook only kept sharded tables).
             let sql = match (schema.table(table), rowid_alias(conn, table)?) {
                 (Some(t), Some(alias)) => Some(format!(
                     "SELECT {} FROM {} WHERE {alias} = ?1",
