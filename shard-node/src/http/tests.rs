@@ -174,6 +174,20 @@ async fn schema_lists_sharded_tables_only() {
 
 /// Sends `sql` keyed and keyless; both must be refused with a message containing `expect`,
 /// leave the writer clean and change no data.
+/// Sends keyed SQL `request` and checks that it is refused for writing the row with `key`,
+/// which is not its own (`written`), and that the writer is left clean.
+pub(crate) async fn assert_stray(node: &TestNode, request: Value, key: &str) {
+    let (status, body) = node.sql(request.clone()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{request}: {body}");
+    let message = error_of(&body);
+    assert!(
+        message.starts_with("keyed SQL may insert or update rows under its own key")
+            && message.contains(&format!("this wrote the row with key {key:?}")),
+        "{request}: {body}"
+    );
+    node.assert_writer_clean();
+}
+
 pub(crate) async fn assert_refused(node: &TestNode, sql: &str, expect: &str) {
     let before = node.user_count().await;
     for readonly in [false, true] {
@@ -385,29 +399,23 @@ async fn keyed_sql_may_insert_or_update_only_rows_under_its_key() {
         let (status, body) = node.call("PUT", &uri, Some(json!({"name": name}))).await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
-    let stray = |key: &str| {
-        format!(
-            "keyed SQL may insert or update rows under its own key (\"alice\") only, and this wrote the row with key {key:?} in table \"users\""
-        )
-    };
     for (sql, key) in [
         ("UPDATE users SET id = 'zed' WHERE id = 'alice'", "zed"),
         ("UPDATE users SET name = 'x' WHERE id = 'bob'", "bob"),
         ("INSERT INTO users (id) VALUES ('carol')", "carol"),
     ] {
-        let (status, body) = node.sql(json!({"key": "alice", "sql": sql})).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{sql}: {body}");
-        assert!(error_of(&body).starts_with(&stray(key)), "{sql}: {body}");
-        node.assert_writer_clean();
+        assert_stray(&node, json!({"key": "alice", "sql": sql}), key).await;
     }
     // A statement list is refused whole, its first statement's work included.
-    let (status, body) = node
-        .sql(json!({"key": "alice", "statements": [
+    assert_stray(
+        &node,
+        json!({"key": "alice", "statements": [
             {"sql": "UPDATE users SET name = 'Al' WHERE id = 'alice'"},
             {"sql": "INSERT INTO users (id) VALUES ('carol')"},
-        ]}))
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        ]}),
+        "carol",
+    )
+    .await;
     assert_eq!(
         node.query("SELECT id, name FROM users ORDER BY id").await,
         [json!(["alice", "Alice"]), json!(["bob", "Bob"])],
