@@ -40,6 +40,16 @@
 //! after it") holds as it did with one pooled writer connection: a fence `PUT` answers only
 //! after every write queued before it committed, and the writes it did not wait for see it.
 //!
+//! # Why the commit syncs on this thread
+//!
+//! Tried and not kept (2026-11-28): groups committed at `synchronous=NORMAL`, with a second
+//! thread syncing the WAL and only then answering, so that the next group runs during the
+//! sync. In alternating bench runs it was slower: direct PUT 26.7k and 26.7k req/s against
+//! 30.5k, with smaller groups (14.8 writes against 17.0) and more node CPU per write (38 µs
+//! against 35). A sync of the WAL takes about 150 µs here, a fraction of a group's cycle, and
+//! the hand-off adds a wake-up per group. It would also have let readers see a commit before
+//! it was durable.
+//!
 //! # Per-request controls inside a group
 //!
 //! The authorizer's mode and the statement deadline are thread-locals (`guard`), set by a
