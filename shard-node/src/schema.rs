@@ -30,6 +30,8 @@ pub struct SchemaResponse {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Schema {
     tables: BTreeMap<String, TableSchema>,
+    /// Per sharded table, the name that reaches its rowid (see [`Schema::rowid_alias`]).
+    rowids: BTreeMap<String, Option<&'static str>>,
 }
 
 impl Schema {
@@ -37,14 +39,16 @@ impl Schema {
     pub(crate) fn load(conn: &Connection) -> rusqlite::Result<Schema> {
         // `table_list` tells real tables from views, virtual tables and their shadow tables
         // (an FTS5 table's `_data` table also has a one-column PRIMARY KEY).
-        let names: Vec<String> = conn
+        // (name, WITHOUT ROWID)
+        let names: Vec<(String, bool)> = conn
             .prepare_cached(
-                "SELECT name FROM pragma_table_list WHERE schema = 'main' AND type = 'table'",
+                "SELECT name, wr FROM pragma_table_list WHERE schema = 'main' AND type = 'table'",
             )?
-            .query_map([], |row| row.get(0))?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
         let mut tables = BTreeMap::new();
-        for name in names.into_iter().filter(|n| !is_reserved(n)) {
+        let mut rowids = BTreeMap::new();
+        for (name, without_rowid) in names.into_iter().filter(|(n, _)| !is_reserved(n)) {
             // (name, declared type, position in the primary key; 0 if not in it)
             let columns: Vec<(String, String, i64)> = conn
                 .prepare_cached(
@@ -62,9 +66,29 @@ impl Schema {
                 key_affinity: affinity_of(declared),
                 columns: columns.iter().map(|(c, _, _)| c.clone()).collect(),
             };
+            let rowid = if without_rowid {
+                None
+            } else {
+                // Hidden columns (of a virtual table's shadow) can shadow an alias too.
+                let all: Vec<String> = conn
+                    .prepare_cached("SELECT name FROM pragma_table_xinfo(?1, 'main')")?
+                    .query_map([&name], |row| row.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                ["_rowid_", "rowid", "oid"]
+                    .into_iter()
+                    .find(|alias| !all.iter().any(|c| c.eq_ignore_ascii_case(alias)))
+            };
+            rowids.insert(name.clone(), rowid);
             tables.insert(name, table);
         }
-        Ok(Schema { tables })
+        Ok(Schema { tables, rowids })
+    }
+
+    /// The name that reaches the sharded table `name`'s rowid: none for a `WITHOUT ROWID`
+    /// table, nor when its columns shadow every alias (nor for a table that is not sharded).
+    /// Read once, with the schema: only migrations change tables, and they reload it.
+    pub(crate) fn rowid_alias(&self, name: &str) -> Option<&'static str> {
+        self.rowids.get(name).copied().flatten()
     }
 
     pub(crate) fn table(&self, name: &str) -> Option<&TableSchema> {
@@ -91,6 +115,28 @@ pub(crate) fn quote(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rowid_alias_is_the_first_name_no_column_shadows() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE plain (id TEXT PRIMARY KEY, v TEXT);
+             CREATE TABLE one (id TEXT PRIMARY KEY, _ROWID_ INT);
+             CREATE TABLE two (id TEXT PRIMARY KEY, _rowid_ INT, RowId INT);
+             CREATE TABLE every (id TEXT PRIMARY KEY, _rowid_ INT, rowid INT, oid INT);
+             CREATE TABLE tags (name TEXT PRIMARY KEY, n INTEGER) WITHOUT ROWID;
+             CREATE TABLE log (line TEXT);",
+        )
+        .unwrap();
+        let schema = Schema::load(&conn).unwrap();
+        assert_eq!(schema.rowid_alias("plain"), Some("_rowid_"));
+        assert_eq!(schema.rowid_alias("one"), Some("rowid"));
+        assert_eq!(schema.rowid_alias("two"), Some("oid"));
+        assert_eq!(schema.rowid_alias("every"), None);
+        assert_eq!(schema.rowid_alias("tags"), None);
+        // Not sharded, so not asked.
+        assert_eq!(schema.rowid_alias("log"), None);
+    }
 
     #[test]
     fn only_tables_with_a_single_column_key_are_sharded() {

@@ -523,9 +523,12 @@ fn key_index(table: &TableSchema) -> usize {
 /// a key-ordered walk of whole rows would seek the table at random once per key, moving or
 /// not, while in rowid order the moving rows of one table page are read one after another.
 /// The rows still go out in key order, which keeps the target's inserts local.
+///
+/// `rowid` is the table's rowid alias ([`Schema::rowid_alias`]).
 pub(crate) fn scan(
     conn: &Connection,
     table: &TableSchema,
+    rowid: Option<&str>,
     after: Option<&SqlValue>,
     limit: usize,
     ranges: &Ranges,
@@ -534,7 +537,7 @@ pub(crate) fn scan(
     let read = (|| -> Result<ScanResponse, NodeError> {
         let (t, k) = (quote(&table.name), quote(&table.key));
         // Without a rowid, rows are read back by key.
-        let id = rowid_alias(conn, &table.name)?.map_or_else(|| k.clone(), str::to_owned);
+        let id = rowid.map_or_else(|| k.clone(), str::to_owned);
         let keys_sql = match after {
             Some(_) => format!("SELECT {k}, {id} FROM {t} WHERE {k} > ?1 ORDER BY {k} LIMIT ?2"),
             None => format!("SELECT {k}, {id} FROM {t} ORDER BY {k} LIMIT ?2"),
@@ -707,27 +710,6 @@ pub(crate) enum PurgeFrom {
     Key(SqlValue),
 }
 
-/// The name that reaches `table`'s rowid: none for a `WITHOUT ROWID` table, nor when its
-/// columns shadow every alias.
-pub(crate) fn rowid_alias(
-    conn: &Connection,
-    table: &str,
-) -> rusqlite::Result<Option<&'static str>> {
-    let without_rowid: bool = conn
-        .prepare_cached("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1")?
-        .query_row([table], |row| row.get(0))?;
-    if without_rowid {
-        return Ok(None);
-    }
-    let columns: Vec<String> = conn
-        .prepare_cached("SELECT name FROM pragma_table_xinfo(?1, 'main')")?
-        .query_map([table], |row| row.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(["_rowid_", "rowid", "oid"]
-        .into_iter()
-        .find(|alias| !columns.iter().any(|c| c.eq_ignore_ascii_case(alias))))
-}
-
 /// Deletes up to `limit` rows of sharded tables whose key hash is in `ranges`, in one writer
 /// transaction. The tables are walked by name, each from `after` (the `next` of the previous
 /// call), so a purge in pages reads every row once, not once per page.
@@ -857,7 +839,7 @@ fn purge_page<'s>(
         let (t, k) = (quote(&table.name), quote(&table.key));
         let rowid = match from {
             Some(PurgeFrom::Key(_)) => None,
-            _ => rowid_alias(conn, &table.name)?,
+            _ => schema.rowid_alias(&table.name),
         };
         let (walk, bound) = match (rowid, from) {
             (Some(r), Some(PurgeFrom::Rowid(n))) => (

@@ -36,7 +36,6 @@ use rusqlite::hooks::Action;
 use crate::error::NodeError;
 use crate::key::routing_text_of;
 use crate::schema::{Schema, quote};
-use crate::transfer::rowid_alias;
 
 /// Rows of sharded tables that the write in scope inserted or updated: (table, rowid).
 type Touched = Vec<(String, i64)>;
@@ -107,7 +106,7 @@ fn check(
         if table_sql.as_ref().is_none_or(|(name, _)| name != table) {
             // One statement per table: its key by rowid (none if its columns shadow every name
             // of the rowid; the hook only kept sharded tables).
-            let sql = match (schema.table(table), rowid_alias(conn, table)?) {
+            let sql = match (schema.table(table), schema.rowid_alias(table)) {
                 (Some(t), Some(alias)) => Some(format!(
                     "SELECT {} FROM {} WHERE {alias} = ?1",
                     quote(&t.key),

@@ -72,7 +72,10 @@ async fn scan(
         Some(ref key) => Some(transfer::stored_key(key)?),
     };
     let page = state
-        .read(move |_, conn| transfer::scan(conn, &table, after.as_ref(), limit, &ranges))
+        .read(move |state, conn| {
+            let rowid = state.schema().rowid_alias(&table.name);
+            transfer::scan(conn, &table, rowid, after.as_ref(), limit, &ranges)
+        })
         .await?;
     Ok(Json(page))
 }
