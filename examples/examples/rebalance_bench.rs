@@ -180,9 +180,10 @@ async fn main() -> anyhow::Result<()> {
             .cloned()
             .collect();
         writers.push(tokio::spawn(async move {
-            // (ops, errors, longest write, when it started after `writers_started`)
-            let (mut ops, mut errors, mut longest, mut longest_at) =
-                (0u64, 0u64, Duration::ZERO, Duration::ZERO);
+            // (ops, errors, longest write, when it started after `writers_started`, time spent
+            // in writes)
+            let (mut ops, mut errors, mut longest, mut longest_at, mut spent) =
+                (0u64, 0u64, Duration::ZERO, Duration::ZERO, Duration::ZERO);
             let mut rng = Rng(0xfeed + w as u64);
             while writing.load(Ordering::Relaxed) {
                 let k = &keys[(rng.next_u64() % keys.len() as u64) as usize];
@@ -195,14 +196,16 @@ async fn main() -> anyhow::Result<()> {
                     )
                     .await
                     .is_ok();
-                if started.elapsed() > longest {
-                    longest = started.elapsed();
+                let took = started.elapsed();
+                spent += took;
+                if took > longest {
+                    longest = took;
                     longest_at = started - writers_started;
                 }
                 ops += 1;
                 errors += u64::from(!ok);
             }
-            (ops, errors, longest, longest_at)
+            (ops, errors, longest, longest_at, spent)
         }));
     }
 
@@ -222,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let elapsed = started.elapsed();
     writing.store(false, Ordering::Relaxed);
+    let writing_secs = writers_started.elapsed().as_secs_f64();
     let phase_times: Vec<String> = phases
         .iter()
         .map(|(p, at)| format!("{p} from {:.2} s", at.as_secs_f64()))
@@ -243,11 +247,13 @@ async fn main() -> anyhow::Result<()> {
         "not seen by the poll".to_owned()
     };
     let cleanup_secs = phase_secs("committed");
-    let (mut ops, mut errors, mut longest, mut longest_at) = (0, 0, Duration::ZERO, Duration::ZERO);
+    let (mut ops, mut errors, mut longest, mut longest_at, mut spent) =
+        (0, 0, Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for w in writers {
-        let (o, e, l, at) = w.await?;
+        let (o, e, l, at, t) = w.await?;
         ops += o;
         errors += e;
+        spent += t;
         if l > longest {
             (longest, longest_at) = (l, at);
         }
@@ -333,6 +339,7 @@ async fn main() -> anyhow::Result<()> {
          | ratio, up to the switch (for comparison only; the target is the whole job's) | {switched_ratio} |\n\
          | longest fence (write pause for a moving key), from the job | {pause} ms |\n\
          | writers during the job: ops / errors / longest write seen (started at, in the job's clock) | {ops} / {errors} / {longest_ms} ms ({longest_at:.2} s) |\n\
+         | writers during the job: writes per second (all {writers} together) / mean write | {write_rate:.0} / {mean_write_ms:.1} ms |\n\
          | verify after | {misplaced} misplaced, {duplicates} duplicates |\n\
          | phases (as polled) | {phase_times} |\n\n\
          Where the time goes, and why the clean-up is slow on this disk: `docs/rebalance.md`, \
@@ -342,6 +349,9 @@ async fn main() -> anyhow::Result<()> {
         secs = elapsed.as_secs_f64(),
         sync = synchronous,
         mark = if ratio >= 0.75 { "✓" } else { "✗" },
+        writers = args.writers,
+        write_rate = ops as f64 / writing_secs,
+        mean_write_ms = 1000.0 * spent.as_secs_f64() / ops.max(1) as f64,
         pause = status["pause_ms"],
         longest_ms = longest.as_millis(),
         misplaced = verify["misplaced"],
