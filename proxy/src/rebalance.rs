@@ -68,6 +68,10 @@ const PURGE_PAGE: usize = 500;
 /// bench (each save syncs the state file while the nodes write hard); a proxy restart
 /// re-reads at most this much of the walk.
 const CLEANUP_SAVE_EVERY: Duration = Duration::from_millis(500);
+/// The clean-up rests after each purge page for as long as the page took (up to this), so a
+/// source's disk spends at most about half its time on deleting copies that no one reads, and
+/// client writes there find it less busy. A slow page (a busy disk) earns a longer rest.
+const MAX_CLEANUP_REST: Duration = Duration::from_millis(100);
 /// Pause between retries after a node failed.
 const RETRY_DELAY: Duration = Duration::from_millis(300);
 
@@ -784,6 +788,8 @@ async fn prepare_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
                 moving.url(target)?,
                 &source.spans_to(target),
                 None,
+                // Leftovers of an earlier try, on a node that owns none of them: the copy waits.
+                false,
                 |_, _| Ok(()),
             )
             .await?;
@@ -810,10 +816,12 @@ async fn purge(
     url: &str,
     spans: &[[u32; 2]],
     from: Option<PurgeAt>,
+    paced: bool,
     on_page: impl Fn(u64, Option<&PurgeAt>) -> ProxyResult<()>,
 ) -> ProxyResult<()> {
     let mut at = from;
     loop {
+        let started = Instant::now();
         let after = at.as_ref().and_then(|at| at.after.clone());
         let page: PurgeResponse = call_as(
             state,
@@ -848,6 +856,9 @@ async fn purge(
         };
         on_page(page.deleted, Some(&next))?;
         at = Some(next);
+        if paced {
+            tokio::time::sleep(started.elapsed().min(MAX_CLEANUP_REST)).await;
+        }
     }
 }
 
@@ -1336,6 +1347,7 @@ async fn clean_source_saving(
         &source.url,
         &source.spans(),
         source.cleaning.clone(),
+        true,
         |deleted, next| {
             let progress = |job: &mut Job| {
                 job.rows_cleaned += deleted;
@@ -1450,6 +1462,45 @@ mod tests {
         ProxyState::open(crate::server::ProxyConfig::new(dir.path().join("state.db"))).unwrap()
     }
 
+    /// Paced, the purge rests after each page for as long as the page took, so a node whose
+    /// pages take 50 ms sees the next one at least 100 ms after the last; unpaced, at once.
+    #[tokio::test]
+    async fn a_paced_purge_rests_as_long_as_each_page_took() {
+        for paced in [true, false] {
+            let arrived: Arc<Mutex<Vec<Instant>>> = Arc::default();
+            let log = Arc::clone(&arrived);
+            let (url, _) = fake_purge_node(
+                |page| ("one", page >= 4),
+                move |_| {
+                    log.lock().unwrap().push(Instant::now());
+                    std::thread::sleep(Duration::from_millis(50));
+                },
+            )
+            .await;
+            let dir = tempfile::tempdir().unwrap();
+            let state = test_state(&dir);
+            purge(&state, "n1", &url, &[[0, 9]], None, paced, |_, _| Ok(()))
+                .await
+                .unwrap();
+            let arrived = arrived.lock().unwrap();
+            assert_eq!(arrived.len(), 4);
+            let gaps: Vec<Duration> = arrived.windows(2).map(|w| w[1] - w[0]).collect();
+            if paced {
+                assert!(
+                    gaps.iter().all(|gap| *gap >= Duration::from_millis(100)),
+                    "{gaps:?}"
+                );
+            } else {
+                // Without the rest, at least one page follows the last within the rest's time
+                // (a loaded machine could stretch one gap, hardly all three).
+                assert!(
+                    gaps.iter().any(|gap| *gap < Duration::from_millis(100)),
+                    "{gaps:?}"
+                );
+            }
+        }
+    }
+
     /// A node whose process "restarts" after the second purge page: a page answered before the
     /// restart may be undone (it was not synced), so the purge must start over from the first
     /// key, not go on from its cursor.
@@ -1467,7 +1518,7 @@ mod tests {
         // Page 3 says done, but it comes from another process: pages 1 and 2 may be gone.
         let deleted = std::cell::Cell::new(0);
         let positions = Mutex::new(Vec::new());
-        purge(&state, "n1", &url, &[[0, 9]], None, |n, next| {
+        purge(&state, "n1", &url, &[[0, 9]], None, false, |n, next| {
             deleted.set(deleted.get() + n);
             positions.lock().unwrap().push(next.cloned());
             Ok(())
@@ -1516,6 +1567,7 @@ mod tests {
             &url,
             &[[0, 9]],
             Some(at(40, "first")),
+            false,
             |_, _| Ok(()),
         )
         .await
@@ -1536,6 +1588,7 @@ mod tests {
             &url,
             &[[0, 9]],
             Some(at(40, "old")),
+            false,
             |_, _| Ok(()),
         )
         .await
