@@ -61,7 +61,8 @@ const FETCH_CHUNK: usize = 5000;
 /// node wait behind, and the next client commit syncs the pages it dirtied, so it is kept
 /// short. The moved rows are scattered: 2,000 of them dirty most of a source's key index
 /// (about 6 MB), and client writes then waited up to 160-270 ms for their commit; with 500
-/// the longest was 60-100 ms and the clean-up took about as long (docs/rebalance.md).
+/// the longest was 60-100 ms and the clean-up took about as long (docs/rebalance.md; both
+/// without the rests of [`MAX_CLEANUP_REST`], which came later).
 const PURGE_PAGE: usize = 500;
 /// How often the clean-up saves each source's purge position (and its count) in the job
 /// record. Saving after every page stretched the clean-up from 2.5 to 3.4 s in the rebalance
@@ -804,7 +805,8 @@ async fn prepare_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
 /// Deletes every row of `spans` on a node, page by page, going on from `from` if given; each
 /// page is one short write transaction there, and the cursor makes the whole purge one pass
 /// over the keys. After every page `on_page` gets the rows it deleted and where the purge goes
-/// on (`None` once it is done).
+/// on (`None` once it is done). `paced` (the clean-up) rests after each page as long as the
+/// page took, up to [`MAX_CLEANUP_REST`].
 ///
 /// A node commits the pages before the last without a sync of their own, so a crash of its
 /// machine can undo pages it already answered; that always restarts the node's process, which
