@@ -110,7 +110,7 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
     writeln!(out, "  curl {host}/v1/tables/users/rows/alice")?;
     writeln!(
         out,
-        "  curl -X POST {host}/v1/sql -d '{{\"sql\":\"SELECT id, name FROM users ORDER BY id\"}}'"
+        "  curl -X POST {host}/v1/sql -d '{{\"sql\":\"SELECT id, name FROM users\"}}'"
     )?;
     writeln!(out, "  shardlite status")?;
     writeln!(

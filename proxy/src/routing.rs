@@ -448,7 +448,9 @@ async fn sql(
     }
 }
 
-/// Runs a read-only statement on every node that owns data and concatenates the rows.
+/// Runs a read-only statement on every node that owns data and concatenates the rows, in the
+/// topology's node order (by id). `ORDER BY`, `LIMIT` and aggregates therefore apply within
+/// each shard (the README says so).
 ///
 /// Unless the last rebalance is done (or none ran), a row may sit on two nodes: copied to its
 /// new owner ahead of the switch, or not yet deleted from its old one after it, or left behind

@@ -148,5 +148,36 @@ async fn a_keyless_read_gathers_every_shards_rows() {
         .map(|r| r[0].as_i64().unwrap())
         .sum();
     assert_eq!(total, 60, "no keyless write changed anything");
+
+    // One count per shard, in node-id order: the README tells callers to sum them.
+    let (_, verify) = c.get("/v1/cluster/verify").await;
+    let per_node: Vec<i64> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| verify["nodes"][n]["rows"].as_i64().unwrap())
+        .collect();
+    let counts: Vec<i64> = count["results"][0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_i64().unwrap())
+        .collect();
+    assert_eq!(counts, per_node, "{count} against {verify}");
+
+    // ORDER BY and LIMIT apply within each shard: the first 2 of each, each pair in order.
+    let (status, answer) = c
+        .post(
+            "/v1/sql",
+            json!({ "sql": "SELECT id FROM users ORDER BY id LIMIT 2" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let ids: Vec<&str> = answer["results"][0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 6, "2 rows from each of 3 shards: {ids:?}");
+    assert!(ids.chunks(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
     cluster.stop().await;
 }
