@@ -534,3 +534,26 @@ async fn scatter_read(
     });
     Ok(axum::Json(merged).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardlite_node::key::Affinity;
+
+    /// A column named twice takes its last value on the node (as a JSON object does), so the
+    /// proxy must route the row by the last value of its key too, or the row would be stored
+    /// on a node that does not own it.
+    #[test]
+    fn a_batch_rows_key_named_twice_routes_by_its_last_value() {
+        let schema = TableSchema {
+            name: "users".into(),
+            key: "id".into(),
+            key_affinity: Affinity::Text,
+            columns: vec!["id".into(), "name".into()],
+        };
+        let row: Box<RawValue> =
+            serde_json::from_str(r#"{"id": "a", "name": "x", "id": "a-2"}"#).unwrap();
+        let key = batch_row_key(&schema, 0, &row).unwrap();
+        assert_eq!(key.routing_text(), "a-2");
+    }
+}
