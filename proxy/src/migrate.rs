@@ -289,7 +289,15 @@ pub async fn apply(
         let set = &set;
         async move { (node, bring_up_to_date(state, node, set).await) }
     });
-    let outcomes = futures::future::join_all(calls).await;
+    let mut outcomes = Vec::with_capacity(topology.nodes.len());
+    for (node, outcome) in futures::future::join_all(calls).await {
+        let outcome = match outcome {
+            Ok(done) => Ok(done),
+            // The migrations before the failing one may have been applied: say where it stands.
+            Err(e) => Err((e, current_version(state, node).await)),
+        };
+        outcomes.push((node, outcome));
+    }
     let mut response = MigrateResponse {
         version: latest,
         nodes: BTreeMap::new(),
@@ -298,12 +306,12 @@ pub async fn apply(
     };
     let mut status = StatusCode::OK;
     for (node, outcome) in outcomes {
-        let outcome = outcome.unwrap_or_else(|e| {
+        let outcome = outcome.unwrap_or_else(|(e, version)| {
             if status == StatusCode::OK {
                 status = e.status();
             }
             NodeMigration {
-                version: None,
+                version,
                 applied: Vec::new(),
                 error: Some(e.message()),
             }
@@ -318,13 +326,32 @@ pub async fn apply(
         if status == StatusCode::OK {
             status = StatusCode::BAD_GATEWAY;
         }
-        response.error = Some(format!(
-            "node(s) {} are not at version {latest}; the others are. Fix the cause and run \
-             `shardlite migrate` again to bring them up to date",
-            response.lagging.join(", ")
-        ));
+        response.error = Some(if response.lagging.len() == response.nodes.len() {
+            format!(
+                "no node is at version {latest}. Fix the cause and run `shardlite migrate` \
+                 again (a migration that failed was rolled back, and a file that no node has \
+                 applied may still change)"
+            )
+        } else {
+            format!(
+                "node(s) {} are not at version {latest}; the others are. Fix the cause and run \
+                 `shardlite migrate` again to bring them up to date",
+                response.lagging.join(", ")
+            )
+        });
     }
     Ok((status, response))
+}
+
+/// A node's latest applied version as its ledger says, or `None` if it cannot be read.
+async fn current_version(state: &ProxyState, node: &NodeInfo) -> Option<i64> {
+    let ledger = state
+        .upstream()
+        .call(&node.id, Method::GET, &node.url, "/v1/migrations", None)
+        .await
+        .and_then(|reply| reply.json::<NodeLedgerResponse>(&node.id))
+        .ok()?;
+    Some(ledger.applied.last().map_or(0, |m| m.version))
 }
 
 /// Every node's ledger beside the known set.

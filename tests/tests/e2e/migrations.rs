@@ -210,6 +210,15 @@ async fn a_migration_failing_on_one_node_leaves_that_node_as_it_was() {
         error.contains("UNIQUE constraint failed"),
         "SQLite's own message: {error}"
     );
+    // Where n1 stands, read back from its ledger, not left unknown.
+    assert_eq!(body["nodes"]["n1"]["version"], 2, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("n1 are not at version 3; the others are"),
+        "{body}"
+    );
     let n1 = cluster.node("n1");
     assert!(!has_object(&n1.db, "users_name_unique"), "n1 is as it was");
     assert_eq!(ledger(&n1.db).len(), 2);
@@ -225,6 +234,48 @@ async fn a_migration_failing_on_one_node_leaves_that_node_as_it_was() {
     let (status, body) = migrate(c, &set).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["nodes"]["n1"]["applied"], json!([3]));
+    cluster.stop().await;
+}
+
+/// A migration that fails on every node leaves each at its version, says that no node got
+/// it, and may then be fixed: a file no node applied is not yet fixed in the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_failing_everywhere_says_so_and_its_file_may_be_fixed() {
+    let cluster = TestCluster::start(3).await;
+    let c = &cluster.client;
+    let broken = with(&[(
+        3,
+        "0003_tags",
+        "CREATE TABLE tags (id TEXT PRIMARY KEY); SELECT * FROM no_such_table;",
+    )]);
+    let (status, body) = migrate(c, &broken).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["lagging"], json!(["n1", "n2", "n3"]), "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.starts_with("no node is at version 3"), "{error}");
+    assert!(!error.contains("the others"), "{error}");
+    for id in ["n1", "n2", "n3"] {
+        assert_eq!(body["nodes"][id]["version"], 2, "{body}");
+        assert!(
+            body["nodes"][id]["error"]
+                .as_str()
+                .unwrap()
+                .contains("no such table"),
+            "{body}"
+        );
+        assert!(
+            !has_object(&cluster.node(id).db, "tags"),
+            "{id}: rolled back"
+        );
+    }
+
+    let fixed = with(&[(3, "0003_tags", "CREATE TABLE tags (id TEXT PRIMARY KEY);")]);
+    let (status, body) = migrate(c, &fixed).await;
+    assert_eq!(status, 200, "{body}");
+    for id in ["n1", "n2", "n3"] {
+        assert_eq!(body["nodes"][id]["version"], 3, "{body}");
+        assert!(has_object(&cluster.node(id).db, "tags"), "{id}");
+    }
     cluster.stop().await;
 }
 
