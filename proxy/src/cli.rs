@@ -387,11 +387,18 @@ impl AdminClient {
             .call("proxy", method, &self.base, path, body.map(Into::into))
             .await
             .map_err(|e| {
+                // The upstream client names its peer a node; here it is the proxy.
+                let why = match e {
+                    crate::error::ProxyError::ShardUnavailable { reason, .. } => reason,
+                    crate::error::ProxyError::ShardTimeout { after, .. } => {
+                        format!("no answer within {} s", after.as_secs())
+                    }
+                    other => other.message(),
+                };
                 anyhow::anyhow!(
-                    "cannot reach the proxy at {}: {}. Is it running? Start one with \
+                    "cannot reach the proxy at {}: {why}. Is it running? Start one with \
                      `shardlite dev`, or point to it with --proxy URL or SHARDLITE_PROXY",
                     self.base,
-                    e.message()
                 )
             })?;
         Ok((reply.status, reply.body))

@@ -87,7 +87,9 @@ fn status_verify_and_migrate_work_against_a_proxy_process() {
     assert_ne!(code, 0, "{out}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(
-        err.contains("cannot reach the proxy") && err.contains("--proxy"),
+        err.contains("cannot reach the proxy")
+            && err.contains("--proxy")
+            && !err.contains("node proxy"),
         "{err}"
     );
 }
