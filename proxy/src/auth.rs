@@ -10,8 +10,7 @@ use crate::error::ProxyError;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::header::AUTHORIZATION;
-use subtle::ConstantTimeEq;
+use shardlite_node::auth::bearer_matches;
 
 /// The tokens the proxy asks of clients.
 #[derive(Clone, Debug, Default)]
@@ -20,18 +19,6 @@ pub struct AuthConfig {
     pub data_token: Option<String>,
     /// Required on `/v1/cluster/...` when set.
     pub admin_token: Option<String>,
-}
-
-/// Whether the request carries `Authorization: Bearer <expected>`.
-pub fn bearer_matches(request: &http::HeaderMap, expected: &str) -> bool {
-    let Some(given) = request
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    given.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
 /// Which token a route needs.
@@ -60,28 +47,5 @@ pub async fn require(
         )
         .into_response(),
         _ => next.run(request).await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_exact_bearer_token_matches() {
-        let mut headers = http::HeaderMap::new();
-        assert!(!bearer_matches(&headers, "s3cret"));
-        headers.insert(AUTHORIZATION, "Bearer s3cret".parse().unwrap());
-        assert!(bearer_matches(&headers, "s3cret"));
-        for wrong in [
-            "Bearer s3cre",
-            "Bearer s3cret2",
-            "bearer s3cret",
-            "s3cret",
-            "Basic s3cret",
-        ] {
-            headers.insert(AUTHORIZATION, wrong.parse().unwrap());
-            assert!(!bearer_matches(&headers, "s3cret"), "{wrong}");
-        }
     }
 }

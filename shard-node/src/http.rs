@@ -90,15 +90,8 @@ async fn require_secret(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    use subtle::ConstantTimeEq;
     if let Some(secret) = secret {
-        let given = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(secret.as_bytes())) {
+        if !crate::auth::bearer_matches(request.headers(), &secret) {
             return NodeError::Unauthorized.into_response();
         }
     }

@@ -89,6 +89,7 @@
 //! - [`error`]: `NodeError`, and the one place errors become HTTP answers.
 //! - `http`: handlers and the router.
 
+pub mod auth;
 mod checkpoint;
 pub mod config;
 mod db;
