@@ -204,7 +204,18 @@ async fn verify(State(state): State<ProxyState>) -> ProxyResult<Json<VerifyRespo
                             Some(serde_json::to_vec(&body).expect("JSON serializes").into()),
                         )
                         .await?
-                        .json(&node.id)?;
+                        .json(&node.id)
+                        .map_err(|e| match e {
+                            // Not a missing resource of this endpoint: that node is behind.
+                            ProxyError::Node { status, .. } if status == StatusCode::NOT_FOUND => {
+                                ProxyError::Conflict(format!(
+                                    "node {} has no table \"{}\": its schema is behind the \
+                                     cluster's; run `shardlite migrate`, then verify again",
+                                    node.id, table.name
+                                ))
+                            }
+                            other => other,
+                        })?;
                     for key in &page.keys {
                         let key = ShardKey::from_json(key, table.key_affinity).map_err(|e| {
                             ProxyError::BadNodeAnswer {

@@ -158,8 +158,19 @@ async fn a_node_that_was_down_catches_up_on_the_next_migrate() {
     let db = cluster.nodes[1].db.clone();
     cluster.nodes[1] = InProcessNode::start_on("n2", db, listener).await;
     assert!(!has_object(&cluster.nodes[1].db, "tags"));
+    // Verify cannot read a table n2 lacks: it says which node is behind and what to run,
+    // not a bare 404 of the node's.
+    let (status, body) = cluster.client.get("/v1/cluster/verify").await;
+    assert_eq!(status, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("node n2") && error.contains("tags") && error.contains("shardlite migrate"),
+        "{error}"
+    );
     let (status, body) = migrate(&cluster.client, &set).await;
     assert_eq!(status, 200, "{body}");
+    let (status, report) = cluster.client.get("/v1/cluster/verify").await;
+    assert_eq!(status, 200, "{report}");
     assert_eq!(body["nodes"]["n2"]["applied"], json!([3]));
     assert_eq!(body["nodes"]["n1"]["applied"], json!([]));
     for node in &cluster.nodes {
