@@ -805,7 +805,7 @@ async fn follow(
         );
         bar
     });
-    let mut last_line = std::time::Instant::now() - Duration::from_secs(2);
+    let mut lines = PlainLines::default();
     // After the switch the bar starts over, counting the old copies the clean-up deletes.
     let mut cleaning = false;
     loop {
@@ -833,9 +833,8 @@ async fn follow(
                 Some(e) => format!("{label}: {e}"),
                 None => label,
             });
-        } else if !quiet && last_line.elapsed() >= Duration::from_secs(1) {
-            writeln!(
-                out,
+        } else if !quiet {
+            let line = format!(
                 "{}: {} of {} rows moved ({phase}){}{}",
                 status.state,
                 status.rows_moved,
@@ -850,8 +849,10 @@ async fn follow(
                     .as_deref()
                     .map(|e| format!(": {e}"))
                     .unwrap_or_default()
-            )?;
-            last_line = std::time::Instant::now();
+            );
+            if lines.due(&line, std::time::Instant::now()) {
+                writeln!(out, "{line}")?;
+            }
         }
         cleaning = committed;
         if status.state != "running" {
@@ -861,6 +862,32 @@ async fn follow(
             return Ok(status);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// When a progress line goes out without a terminal: at most one a second, and the same line
+/// again only every 10 s (a job that waits for a node would otherwise repeat it every second).
+#[derive(Default)]
+struct PlainLines {
+    last: Option<(String, std::time::Instant)>,
+}
+
+impl PlainLines {
+    const EVERY: Duration = Duration::from_secs(1);
+    const SAME_EVERY: Duration = Duration::from_secs(10);
+
+    fn due(&mut self, line: &str, now: std::time::Instant) -> bool {
+        let due = match &self.last {
+            None => true,
+            Some((last, at)) => {
+                let since = now.saturating_duration_since(*at);
+                since >= Self::SAME_EVERY || (since >= Self::EVERY && last != line)
+            }
+        };
+        if due {
+            self.last = Some((line.to_owned(), now));
+        }
+        due
     }
 }
 
@@ -902,6 +929,23 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_plain_progress_line_repeats_only_every_ten_seconds() {
+        let start = std::time::Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut lines = PlainLines::default();
+        assert!(lines.due("copy 0", at(0)), "the first line goes out");
+        assert!(!lines.due("copy 5", at(500)), "at most one a second");
+        assert!(lines.due("copy 5", at(1_000)), "a new line after a second");
+        assert!(
+            !lines.due("copy 5", at(2_000)),
+            "the same line is not repeated"
+        );
+        assert!(!lines.due("copy 5", at(10_999)));
+        assert!(lines.due("copy 5", at(11_000)), "but is, every 10 s");
+        assert!(lines.due("copy 9", at(12_000)));
     }
 
     #[test]
