@@ -27,7 +27,9 @@ pub fn router() -> Router<ProxyState> {
         .route("/v1/cluster/nodes/{id}", delete(remove_node))
         .route(
             "/v1/cluster/rebalance",
-            get(rebalance_status).post(start_rebalance),
+            get(rebalance_status)
+                .post(start_rebalance)
+                .delete(cancel_rebalance),
         )
         .route(
             "/v1/cluster/migrations",
@@ -427,6 +429,32 @@ struct NoOptions {}
 
 async fn rebalance_status(State(state): State<ProxyState>) -> Json<RebalanceStatus> {
     Json(RebalanceStatus::clone(&state.rebalance_status()))
+}
+
+/// Asks the running rebalance to stop (202) if it has not switched ownership yet: it stops at
+/// its next step, lifts the sources' fences and capture, and ends `failed` with the reason
+/// [`rebalance::CANCELLED`], every row with its old owner. A job past the switch finishes (409).
+async fn cancel_rebalance(
+    State(state): State<ProxyState>,
+    RawBody(raw): RawBody,
+) -> ProxyResult<Response> {
+    body::options::<NoOptions>(&raw)?;
+    let status = state.rebalance_status();
+    if status.state != "running" {
+        return Err(ProxyError::Conflict(format!(
+            "no rebalance is running (the last one is {}); nothing to cancel",
+            status.state
+        )));
+    }
+    if status.phase == Some(rebalance::Phase::Committed) {
+        return Err(ProxyError::Conflict(
+            "the rebalance has switched ownership already; it finishes deleting the old copies \
+             and cannot be cancelled"
+                .into(),
+        ));
+    }
+    state.request_rebalance_cancel();
+    Ok((StatusCode::ACCEPTED, Json(RebalanceStatus::clone(&status))).into_response())
 }
 
 /// Starts a rebalance (202), or with `?dry_run=true` answers the counted plan (200). A body

@@ -239,6 +239,10 @@ pub struct RebalanceArgs {
     /// Return once the job has started instead of waiting for it.
     #[arg(long)]
     pub no_wait: bool,
+    /// Stop the running job if it has not switched ownership yet: every row stays with its
+    /// old owner, and the sources drop their fences and change logs.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub cancel: bool,
     #[command(flatten)]
     pub admin: AdminArgs,
 }
@@ -733,6 +737,9 @@ async fn rebalance(args: RebalanceArgs, out: &mut dyn Write) -> anyhow::Result<E
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if args.cancel {
+        return cancel(&client, &args, out).await;
+    }
     let (code, body) = client
         .send(Method::POST, "/v1/cluster/rebalance", None)
         .await?;
@@ -786,6 +793,48 @@ async fn rebalance(args: RebalanceArgs, out: &mut dyn Write) -> anyhow::Result<E
             status.error.unwrap_or_else(|| "no reason given".into())
         )
     }
+}
+
+/// `shardlite rebalance --cancel`: asks the job to stop, then (unless `--no-wait`) waits for it.
+async fn cancel(
+    client: &AdminClient,
+    args: &RebalanceArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let (code, body) = client
+        .send(Method::DELETE, "/v1/cluster/rebalance", None)
+        .await?;
+    if !code.is_success() {
+        bail!("{} (HTTP {code})", node_error_message("proxy", &body));
+    }
+    let status = if args.no_wait {
+        client
+            .json(Method::GET, "/v1/cluster/rebalance", None)
+            .await?
+    } else {
+        follow(client, out, args.admin.json).await?
+    };
+    if args.admin.json {
+        print_json(out, &status)?;
+    } else if status.state == "running" {
+        writeln!(
+            out,
+            "cancel asked; the job stops at its next step (follow it with `shardlite status`)"
+        )?;
+    } else if status.state == "done" {
+        writeln!(
+            out,
+            "the rebalance switched ownership before it could stop, and finished: {} rows moved",
+            status.rows_moved
+        )?;
+    } else {
+        writeln!(
+            out,
+            "rebalance stopped: {}",
+            status.error.unwrap_or_else(|| "no reason given".into())
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Polls the job until it ends: a progress bar on a terminal, a line per second otherwise.

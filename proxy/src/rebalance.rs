@@ -73,6 +73,8 @@ const CLEANUP_SAVE_EVERY: Duration = Duration::from_millis(500);
 /// source's disk spends at most about half its time on deleting copies that no one reads, and
 /// client writes there find it less busy. A slow page (a busy disk) earns a longer rest.
 const MAX_CLEANUP_REST: Duration = Duration::from_millis(100);
+/// The error of a job stopped by `DELETE /v1/cluster/rebalance`.
+pub const CANCELLED: &str = "cancelled before the switch; every row stays with its old owner";
 /// Pause between retries after a node failed.
 const RETRY_DELAY: Duration = Duration::from_millis(300);
 
@@ -445,6 +447,8 @@ pub fn resume(state: &ProxyState) -> ProxyResult<()> {
 }
 
 fn spawn(state: ProxyState, job: Job, guard: JobGuard) {
+    // A cancel asked of an earlier job (as it ended) is not this one's.
+    state.clear_rebalance_cancel();
     tokio::spawn(async move {
         let _slot = guard;
         run(&state, job).await;
@@ -511,6 +515,16 @@ async fn run(state: &ProxyState, mut job: Job) {
     let started = Instant::now();
     let mut failures = 0u32;
     loop {
+        if state.rebalance_cancel_requested() {
+            if job.phase == Phase::Committed {
+                // Past the switch the targets own the rows: the job finishes its clean-up.
+                state.clear_rebalance_cancel();
+            } else {
+                abandon(state, &mut job, CANCELLED.to_owned()).await;
+                state.clear_rebalance_cancel();
+                return;
+            }
+        }
         let outcome = match job.phase {
             Phase::Copy => copy_phase(state, &mut job).await,
             Phase::Fenced => fenced_phase(state, &mut job).await,
@@ -553,11 +567,46 @@ async fn run(state: &ProxyState, mut job: Job) {
     }
 }
 
-/// Gives up before the switch: the sources still own everything; lift fences and capture.
+/// Gives up before the switch: the sources still own everything; lift their fences and drop
+/// their capture. A source that does not answer is asked again until it does, since a fence
+/// left up there would refuse writes to rows it still owns (the job keeps its slot meanwhile,
+/// so no other job starts). Then the targets' copies are deleted, once each, so that `verify`
+/// finds no row twice: a target that does not answer keeps them (they are outside what it
+/// owns, no read reaches them, and a later job purges them before it copies).
 async fn abandon(state: &ProxyState, job: &mut Job, reason: String) {
+    for source in job.sources.clone() {
+        loop {
+            let lifted = match lift_fence(state, &source).await {
+                Ok(()) => drop_capture(state, &source).await,
+                Err(e) => Err(e),
+            };
+            match lifted {
+                Ok(()) => break,
+                Err(e) => {
+                    job.error = Some(format!(
+                        "stopping ({reason}): retrying: cannot lift the fence and capture on \
+                         {}: {}",
+                        source.id,
+                        e.message()
+                    ));
+                    let _ = save(state, job);
+                    tokio::time::sleep(RETRY_DELAY).await;
+                }
+            }
+        }
+    }
     for source in &job.sources {
-        let _ = lift_fence(state, source).await;
-        let _ = drop_capture(state, source).await;
+        for target in source.targets() {
+            let Some(node) = job.nodes.iter().find(|n| n.id == target) else {
+                continue;
+            };
+            let spans = source.spans_to(target);
+            if let Err(e) =
+                purge(state, target, &node.url, &spans, None, false, |_, _| Ok(())).await
+            {
+                tracing::warn!(job = %job.id, node = target, error = %e.message(), "cannot delete a stopped job's copies; a later job purges them");
+            }
+        }
     }
     job.state = JobState::Failed;
     job.error = Some(reason);

@@ -94,6 +94,8 @@ pub(crate) struct Inner {
     jobs: JobSlot,
     /// The rebalance job as last recorded; read by status endpoints without touching the file.
     rebalance: ArcSwap<RebalanceStatus>,
+    /// Set by `DELETE /v1/cluster/rebalance`; the job reads it between its steps.
+    rebalance_cancel: std::sync::atomic::AtomicBool,
     health: Health,
 }
 
@@ -121,6 +123,7 @@ impl ProxyState {
             schema: SchemaCache::default(),
             jobs: JobSlot::default(),
             rebalance: ArcSwap::from_pointee(RebalanceStatus::idle()),
+            rebalance_cancel: std::sync::atomic::AtomicBool::new(false),
             health: Health::default(),
         })))
     }
@@ -175,6 +178,27 @@ impl ProxyState {
 
     pub fn publish_rebalance(&self, status: RebalanceStatus) {
         self.0.rebalance.store(Arc::new(status));
+    }
+
+    /// Asks the running rebalance to stop at its next step, if it has not switched yet.
+    pub fn request_rebalance_cancel(&self) {
+        self.0
+            .rebalance_cancel
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a cancel was asked for (see [`ProxyState::request_rebalance_cancel`]).
+    pub fn rebalance_cancel_requested(&self) -> bool {
+        self.0
+            .rebalance_cancel
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Forgets a cancel: a new job starts without one, and one past its switch ignores it.
+    pub fn clear_rebalance_cancel(&self) {
+        self.0
+            .rebalance_cancel
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -298,3 +298,87 @@ async fn removing_a_node_while_writing_drains_it() {
     assert!(!per_node.contains_key("n2"), "{per_node:?}");
     cluster.stop().await;
 }
+
+/// A joining node lost during the copy: the job waits for it, retrying. `DELETE
+/// /v1/cluster/rebalance` stops it before the switch: every row stays with its old owner and
+/// stays readable, the sources keep no fence or capture, and the node can then be removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_waiting_for_a_lost_node_can_be_cancelled() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client.clone();
+    let (status, body) = client.delete("/v1/cluster/rebalance").await;
+    assert_eq!(status, 409, "nothing runs, nothing to cancel: {body}");
+    let keys = preload_users(&client, "lost", 300).await;
+
+    cluster.add_node("n4").await;
+    let n4 = cluster.nodes.iter_mut().find(|n| n.id == "n4").unwrap();
+    n4.stop().await;
+    let (status, body) = client.post("/v1/cluster/rebalance", Value::Null).await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, job) = client.get("/v1/cluster/rebalance").await;
+        let error = job["error"].as_str().unwrap_or("");
+        if error.contains("retrying") && error.contains("n4") {
+            assert_eq!(job["state"], "running", "{job}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never waited for n4: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (status, body) = client.delete("/v1/cluster/rebalance").await;
+    assert_eq!(status, 202, "{body}");
+    let job = shardlite_tests::wait_for_rebalance(&client, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("cancelled"),
+        "{job}"
+    );
+    let (status, body) = client.delete("/v1/cluster/rebalance").await;
+    assert_eq!(
+        status, 409,
+        "a stopped job cannot be cancelled again: {body}"
+    );
+
+    for node in cluster.nodes.iter().filter(|n| n.id != "n4") {
+        let conn = rusqlite::Connection::open_with_flags(
+            &node.db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let (capture, fences): (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' \
+                 OR name = '_shardlite_changes'), (SELECT count(*) FROM _shardlite_fences)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((capture, fences), (0, 0), "{} keeps nothing", node.id);
+    }
+    for key in &keys {
+        let (status, body) = client.get(&Client::row_path("users", key)).await;
+        assert_eq!(status, 200, "{key}: {body}");
+    }
+    let (status, body) = client
+        .put(
+            &Client::row_path("users", &keys[0]),
+            json!({ "name": "after" }),
+        )
+        .await;
+    assert_eq!(status, 200, "writes go on: {body}");
+
+    let (status, body) = client.delete("/v1/cluster/nodes/n4").await;
+    assert!(
+        status.is_success(),
+        "the lost node can now be removed: {body}"
+    );
+    let (_, topology) = client.get("/v1/cluster").await;
+    assert_eq!(topology["nodes"].as_array().unwrap().len(), 3, "{topology}");
+    assert_verified(&client).await;
+    cluster.stop().await;
+}

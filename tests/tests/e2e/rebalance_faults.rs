@@ -420,3 +420,56 @@ async fn keyless_reads_see_each_row_once_while_rows_move() {
     assert_verified(&cluster.client).await;
     drop(n4);
 }
+
+/// A cancel while rows are being copied to a live joining node: the job stops before the
+/// switch, the sources keep every row and drop their fences and capture, and the copies on the
+/// target are deleted, so `verify` finds no row twice with the node still joining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_the_copy_leaves_no_copy_behind() {
+    let cluster = Cluster::start().await;
+    let _n4 = cluster.add_n4().await;
+    let (status, body) = cluster
+        .client
+        .post("/v1/cluster/rebalance", Value::Null)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    wait_for_phase(&cluster.client, "copy").await;
+    let (status, body) = cluster.client.delete("/v1/cluster/rebalance").await;
+    assert_eq!(status, 202, "{body}");
+    let job = wait_for_rebalance(&cluster.client, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("cancelled"),
+        "{job}"
+    );
+
+    let n4_rows = shardlite_tests::keys_in_file(&cluster.dir.path().join("n4.db"), "users");
+    assert!(n4_rows.is_empty(), "n4 keeps {} copies", n4_rows.len());
+    let report = assert_verified(&cluster.client).await;
+    assert_eq!(report["rows_total"], ROWS, "{report}");
+    let (_, topology) = cluster.client.get("/v1/cluster").await;
+    assert!(
+        topology["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == "n4" && n["state"] == "joining"),
+        "{topology}"
+    );
+    for i in 1..=3 {
+        let conn = rusqlite::Connection::open_with_flags(
+            cluster.dir.path().join(format!("n{i}.db")),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let leftovers: i64 = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' \
+                 OR name = '_shardlite_changes') + (SELECT count(*) FROM _shardlite_fences)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(leftovers, 0, "n{i} keeps no capture, log or fence");
+    }
+}
