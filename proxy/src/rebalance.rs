@@ -556,7 +556,19 @@ async fn run(state: &ProxyState, mut job: Job) {
                     job.phase = Phase::Copy;
                 }
                 if !transient(&error) && job.phase != Phase::Committed && failures >= 3 {
-                    abandon(state, &mut job, message).await;
+                    let reason = match &error {
+                        // A node that lacks a table: a node replaced by an empty one, say.
+                        ProxyError::Node { node, status, .. }
+                            if *status == http::StatusCode::NOT_FOUND =>
+                        {
+                            format!(
+                                "node {node}: {message}: its schema is behind the cluster's; run \
+                                 `shardlite migrate`, then `shardlite rebalance` again"
+                            )
+                        }
+                        _ => message,
+                    };
+                    abandon(state, &mut job, reason).await;
                     return;
                 }
                 job.error = Some(format!("retrying: {message}"));

@@ -382,3 +382,33 @@ async fn a_rebalance_waiting_for_a_lost_node_can_be_cancelled() {
     assert_verified(&client).await;
     cluster.stop().await;
 }
+
+/// A joining node replaced by an empty one (its disk lost) has no tables: the job fails for
+/// good, saying which node is behind and what to run, and nothing switched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_without_the_schema_fails_the_job_with_what_to_run() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client.clone();
+    preload_users(&client, "behind", 300).await;
+    cluster.add_node("n4").await;
+    let n4 = cluster.nodes.iter_mut().find(|n| n.id == "n4").unwrap();
+    let port: u16 = n4.url.rsplit(':').next().unwrap().parse().unwrap();
+    n4.stop().await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let empty = cluster.dir.path().join("n4-empty.db");
+    *n4 = shardlite_tests::InProcessNode::start_on("n4", empty, listener).await;
+
+    let job = rebalance_and_wait(&client).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("node n4") && error.contains("shardlite migrate"),
+        "{error}"
+    );
+    let (status, body) = client.delete("/v1/cluster/nodes/n4").await;
+    assert!(status.is_success(), "{body}");
+    assert_verified(&client).await;
+    cluster.stop().await;
+}
