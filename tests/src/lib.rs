@@ -261,6 +261,21 @@ pub fn keys_in_file(db: &Path, table: &str) -> Vec<String> {
         .unwrap()
 }
 
+/// What a rebalance may leave on a node and must not: (capture triggers and change log, fences),
+/// read directly from the node's file. Both are 0 once a job is done or stopped.
+pub fn transfer_leftovers(db: &Path) -> (i64, i64) {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.query_row(
+        "SELECT (SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' \
+         OR name = '_shardlite_changes'), (SELECT count(*) FROM _shardlite_fences)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
 /// The `shardlite` binary of this workspace, built once per test process (same profile).
 pub fn shardlite_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

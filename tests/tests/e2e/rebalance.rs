@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 use shardlite_tests::history::{self, WriterLog};
 use shardlite_tests::{
     Client, TestCluster, assert_verified, keys_in_file, preload_users, rebalance_and_wait, ring_of,
+    transfer_leftovers,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -218,19 +219,8 @@ async fn adding_a_node_while_writing_loses_nothing_and_moves_only_to_it() {
 
     assert_verified(&client).await;
     for node in &cluster.nodes {
-        let conn = rusqlite::Connection::open_with_flags(
-            &node.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let leftovers: i64 = conn
-            .query_row("SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' OR name = '_shardlite_changes'", [], |r| r.get(0))
-            .unwrap();
-        let fences: i64 = conn
-            .query_row("SELECT count(*) FROM _shardlite_fences", [], |r| r.get(0))
-            .unwrap();
         assert_eq!(
-            (leftovers, fences),
+            transfer_leftovers(&node.db),
             (0, 0),
             "no capture or fence left on {}",
             node.id
@@ -345,20 +335,12 @@ async fn a_rebalance_waiting_for_a_lost_node_can_be_cancelled() {
     );
 
     for node in cluster.nodes.iter().filter(|n| n.id != "n4") {
-        let conn = rusqlite::Connection::open_with_flags(
-            &node.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let (capture, fences): (i64, i64) = conn
-            .query_row(
-                "SELECT (SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' \
-                 OR name = '_shardlite_changes'), (SELECT count(*) FROM _shardlite_fences)",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
-        assert_eq!((capture, fences), (0, 0), "{} keeps nothing", node.id);
+        assert_eq!(
+            transfer_leftovers(&node.db),
+            (0, 0),
+            "{} keeps nothing",
+            node.id
+        );
     }
     for key in &keys {
         let (status, body) = client.get(&Client::row_path("users", key)).await;

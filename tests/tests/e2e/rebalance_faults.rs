@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use shardlite_tests::history::{self, WriterLog};
 use shardlite_tests::{
     Client, Spawned, assert_verified, preload_users, sample_migrations, shardlite_bin,
-    wait_for_rebalance,
+    transfer_leftovers, wait_for_rebalance,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -232,13 +232,11 @@ async fn kill_during(phase: &str, victim: Victim) {
     );
     for i in 1..=4 {
         let db = cluster.dir.path().join(format!("n{i}.db"));
-        let conn =
-            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .unwrap();
-        let leftovers: i64 = conn
-            .query_row("SELECT (SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' OR name = '_shardlite_changes') + (SELECT count(*) FROM _shardlite_fences)", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(leftovers, 0, "n{i} keeps no capture, log or fence");
+        assert_eq!(
+            transfer_leftovers(&db),
+            (0, 0),
+            "n{i} keeps no capture, log or fence"
+        );
     }
     drop(n4);
 }
@@ -457,19 +455,11 @@ async fn a_cancel_during_the_copy_leaves_no_copy_behind() {
         "{topology}"
     );
     for i in 1..=3 {
-        let conn = rusqlite::Connection::open_with_flags(
-            cluster.dir.path().join(format!("n{i}.db")),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let leftovers: i64 = conn
-            .query_row(
-                "SELECT (SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' \
-                 OR name = '_shardlite_changes') + (SELECT count(*) FROM _shardlite_fences)",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(leftovers, 0, "n{i} keeps no capture, log or fence");
+        let db = cluster.dir.path().join(format!("n{i}.db"));
+        assert_eq!(
+            transfer_leftovers(&db),
+            (0, 0),
+            "n{i} keeps no capture, log or fence"
+        );
     }
 }
