@@ -343,14 +343,18 @@ pub async fn apply(
     Ok((status, response))
 }
 
-/// A node's latest applied version as its ledger says, or `None` if it cannot be read.
-async fn current_version(state: &ProxyState, node: &NodeInfo) -> Option<i64> {
-    let ledger = state
+/// A node's ledger: the migrations it applied.
+async fn ledger(state: &ProxyState, node: &NodeInfo) -> ProxyResult<NodeLedgerResponse> {
+    state
         .upstream()
         .call(&node.id, Method::GET, &node.url, "/v1/migrations", None)
         .await
         .and_then(|reply| reply.json::<NodeLedgerResponse>(&node.id))
-        .ok()?;
+}
+
+/// A node's latest applied version as its ledger says, or `None` if it cannot be read.
+async fn current_version(state: &ProxyState, node: &NodeInfo) -> Option<i64> {
+    let ledger = ledger(state, node).await.ok()?;
     Some(ledger.applied.last().map_or(0, |m| m.version))
 }
 
@@ -359,14 +363,10 @@ pub async fn status(state: &ProxyState) -> ProxyResult<MigrationStatus> {
     let set = known(state)?;
     let latest = set.last().map_or(0, |m| m.version);
     let topology = state.cluster().topology();
-    let calls = topology.nodes.iter().map(|node| async move {
-        let ledger = state
-            .upstream()
-            .call(&node.id, Method::GET, &node.url, "/v1/migrations", None)
-            .await
-            .and_then(|reply| reply.json::<NodeLedgerResponse>(&node.id));
-        (node, ledger)
-    });
+    let calls = topology
+        .nodes
+        .iter()
+        .map(|node| async move { (node, ledger(state, node).await) });
     let mut nodes = BTreeMap::new();
     let mut lagging = Vec::new();
     for (node, ledger) in futures::future::join_all(calls).await {

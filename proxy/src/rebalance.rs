@@ -587,24 +587,19 @@ async fn run(state: &ProxyState, mut job: Job) {
 /// owns, no read reaches them, and a later job purges them before it copies).
 async fn abandon(state: &ProxyState, job: &mut Job, reason: String) {
     for source in job.sources.clone() {
-        loop {
-            let lifted = match lift_fence(state, &source).await {
-                Ok(()) => drop_capture(state, &source).await,
-                Err(e) => Err(e),
-            };
-            match lifted {
-                Ok(()) => break,
-                Err(e) => {
-                    job.error = Some(format!(
-                        "stopping ({reason}): retrying: cannot lift the fence and capture on \
-                         {}: {}",
-                        source.id,
-                        e.message()
-                    ));
-                    let _ = save(state, job);
-                    tokio::time::sleep(RETRY_DELAY).await;
-                }
-            }
+        while let Err(e) = async {
+            lift_fence(state, &source).await?;
+            drop_capture(state, &source).await
+        }
+        .await
+        {
+            job.error = Some(format!(
+                "stopping ({reason}): retrying: cannot lift the fence and capture on {}: {}",
+                source.id,
+                e.message()
+            ));
+            let _ = save(state, job);
+            tokio::time::sleep(RETRY_DELAY).await;
         }
     }
     for source in &job.sources {
