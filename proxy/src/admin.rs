@@ -453,7 +453,11 @@ async fn cancel_rebalance(
                 .into(),
         ));
     }
-    state.request_rebalance_cancel();
+    let id = status
+        .id
+        .as_deref()
+        .expect("a running job's status names the job");
+    rebalance::ask_cancel(&state, id)?;
     Ok((StatusCode::ACCEPTED, Json(RebalanceStatus::clone(&status))).into_response())
 }
 

@@ -440,6 +440,10 @@ pub fn resume(state: &ProxyState) -> ProxyResult<()> {
     state.publish_rebalance(RebalanceStatus::of(&job));
     if job.state == JobState::Running {
         let guard = state.jobs().begin(format!("rebalance {}", job.id))?;
+        if cancel_recorded(state, &job.id)? {
+            // Asked and answered before the crash: the job stops as it would have.
+            state.set_rebalance_cancel(Some(job.id.clone()));
+        }
         tracing::info!(job = %job.id, phase = ?job.phase, "resuming the rebalance");
         spawn(state.clone(), job, guard);
     }
@@ -447,12 +451,61 @@ pub fn resume(state: &ProxyState) -> ProxyResult<()> {
 }
 
 fn spawn(state: ProxyState, job: Job, guard: JobGuard) {
-    // A cancel asked of an earlier job (as it ended) is not this one's.
-    state.clear_rebalance_cancel();
     tokio::spawn(async move {
         let _slot = guard;
         run(&state, job).await;
     });
+}
+
+/// The `meta` key of the state file that names the job a user asked to stop.
+const CANCEL_KEY: &str = "rebalance_cancel";
+
+/// Asks job `id` to stop at its next step (see `DELETE /v1/cluster/rebalance`). The ask is in
+/// the state file before this returns, so a proxy that crashes before the job reads it stops
+/// the job when it resumes it: an answered cancel is never lost. Whether the job still stops
+/// depends only on whether it has switched by then.
+pub fn ask_cancel(state: &ProxyState, id: &str) -> ProxyResult<()> {
+    state.cluster().write(|tx| {
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![CANCEL_KEY, id],
+        )?;
+        Ok(())
+    })?;
+    state.set_rebalance_cancel(Some(id.to_owned()));
+    Ok(())
+}
+
+/// Whether the state file holds a cancel asked of job `id`.
+fn cancel_recorded(state: &ProxyState, id: &str) -> ProxyResult<bool> {
+    state.cluster().read(|conn| {
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM meta WHERE key = ?1 AND value = ?2",
+                params![CANCEL_KEY, id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    })
+}
+
+/// Forgets a cancel once the job has acted on it (or is past its switch and ignores it). If
+/// the state file cannot drop it, it stays there naming this job only, which no other job
+/// reads as its own.
+fn forget_cancel(state: &ProxyState, id: &str) {
+    state.set_rebalance_cancel(None);
+    let forgotten = state.cluster().write(|tx| {
+        tx.execute(
+            "DELETE FROM meta WHERE key = ?1 AND value = ?2",
+            params![CANCEL_KEY, id],
+        )?;
+        Ok(())
+    });
+    if let Err(e) = forgotten {
+        tracing::warn!(job = id, error = %e.message(), "cannot drop the cancel from the state file");
+    }
 }
 
 fn unix_millis() -> u128 {
@@ -515,13 +568,13 @@ async fn run(state: &ProxyState, mut job: Job) {
     let started = Instant::now();
     let mut failures = 0u32;
     loop {
-        if state.rebalance_cancel_requested() {
+        if state.rebalance_cancel_asked(&job.id) {
             if job.phase == Phase::Committed {
                 // Past the switch the targets own the rows: the job finishes its clean-up.
-                state.clear_rebalance_cancel();
+                forget_cancel(state, &job.id);
             } else {
                 abandon(state, &mut job, CANCELLED.to_owned()).await;
-                state.clear_rebalance_cancel();
+                forget_cancel(state, &job.id);
                 return;
             }
         }
@@ -1518,6 +1571,31 @@ mod tests {
 
     fn test_state(dir: &tempfile::TempDir) -> ProxyState {
         ProxyState::open(crate::server::ProxyConfig::new(dir.path().join("state.db"))).unwrap()
+    }
+
+    /// A cancel names its job, in memory and in the state file: it survives reopening the
+    /// file, another job never reads it as its own, and forgetting it drops both.
+    #[test]
+    fn a_cancel_is_kept_for_its_job_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = test_state(&dir);
+        ask_cancel(&state, "job-1").unwrap();
+        assert!(state.rebalance_cancel_asked("job-1"));
+        assert!(!state.rebalance_cancel_asked("job-2"));
+        drop(state);
+
+        let reopened = test_state(&dir);
+        assert!(
+            !reopened.rebalance_cancel_asked("job-1"),
+            "memory starts empty"
+        );
+        assert!(cancel_recorded(&reopened, "job-1").unwrap());
+        assert!(!cancel_recorded(&reopened, "job-2").unwrap());
+
+        reopened.set_rebalance_cancel(Some("job-1".into()));
+        forget_cancel(&reopened, "job-1");
+        assert!(!reopened.rebalance_cancel_asked("job-1"));
+        assert!(!cancel_recorded(&reopened, "job-1").unwrap());
     }
 
     /// Paced, the purge rests after each page for as long as the page took, so a node whose

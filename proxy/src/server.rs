@@ -94,8 +94,9 @@ pub(crate) struct Inner {
     jobs: JobSlot,
     /// The rebalance job as last recorded; read by status endpoints without touching the file.
     rebalance: ArcSwap<RebalanceStatus>,
-    /// Set by `DELETE /v1/cluster/rebalance`; the job reads it between its steps.
-    rebalance_cancel: std::sync::atomic::AtomicBool,
+    /// The job `DELETE /v1/cluster/rebalance` asked to stop; the job reads it between its
+    /// steps. Kept in the state file too (`rebalance::ask_cancel`), so a restart keeps it.
+    rebalance_cancel: std::sync::Mutex<Option<String>>,
     health: Health,
 }
 
@@ -123,7 +124,7 @@ impl ProxyState {
             schema: SchemaCache::default(),
             jobs: JobSlot::default(),
             rebalance: ArcSwap::from_pointee(RebalanceStatus::idle()),
-            rebalance_cancel: std::sync::atomic::AtomicBool::new(false),
+            rebalance_cancel: std::sync::Mutex::new(None),
             health: Health::default(),
         })))
     }
@@ -180,25 +181,25 @@ impl ProxyState {
         self.0.rebalance.store(Arc::new(status));
     }
 
-    /// Asks the running rebalance to stop at its next step, if it has not switched yet.
-    pub fn request_rebalance_cancel(&self) {
-        self.0
+    /// Sets (or, with `None`, forgets) the job asked to stop at its next step; only
+    /// `rebalance` calls it, after the state file holds the same.
+    pub(crate) fn set_rebalance_cancel(&self, job: Option<String>) {
+        *self
+            .0
             .rebalance_cancel
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = job;
     }
 
-    /// Whether a cancel was asked for (see [`ProxyState::request_rebalance_cancel`]).
-    pub fn rebalance_cancel_requested(&self) -> bool {
+    /// Whether job `id` was asked to stop. The flag names its job, so a cancel that arrives
+    /// as one job ends never stops the next one.
+    pub(crate) fn rebalance_cancel_asked(&self, id: &str) -> bool {
         self.0
             .rebalance_cancel
-            .load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Forgets a cancel: a new job starts without one, and one past its switch ignores it.
-    pub fn clear_rebalance_cancel(&self) {
-        self.0
-            .rebalance_cancel
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_deref()
+            == Some(id)
     }
 }
 

@@ -424,7 +424,19 @@ async fn keyless_reads_see_each_row_once_while_rows_move() {
 /// target are deleted, so `verify` finds no row twice with the node still joining.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_during_the_copy_leaves_no_copy_behind() {
-    let cluster = Cluster::start().await;
+    cancel_during_the_copy(false).await;
+}
+
+/// The same, with the proxy killed right after it answered the cancel, before the job could
+/// read it (each copy page pauses 150 ms): the restarted proxy resumes the job from its state
+/// file and stops it, since the cancel was recorded there before the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_answered_before_a_proxy_crash_still_stops_the_job() {
+    cancel_during_the_copy(true).await;
+}
+
+async fn cancel_during_the_copy(kill_proxy: bool) {
+    let mut cluster = Cluster::start().await;
     let _n4 = cluster.add_n4().await;
     let (status, body) = cluster
         .client
@@ -434,6 +446,10 @@ async fn a_cancel_during_the_copy_leaves_no_copy_behind() {
     wait_for_phase(&cluster.client, "copy").await;
     let (status, body) = cluster.client.delete("/v1/cluster/rebalance").await;
     assert_eq!(status, 202, "{body}");
+    if kill_proxy {
+        cluster.proxy.kill();
+        cluster.restart_proxy();
+    }
     let job = wait_for_rebalance(&cluster.client, Duration::from_secs(120)).await;
     assert_eq!(job["state"], "failed", "{job}");
     assert!(
