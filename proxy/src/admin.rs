@@ -383,7 +383,14 @@ async fn remove_node(
         .ok_or_else(|| ProxyError::NotFound(format!("no node {id}")))?
         .clone();
     let new_state = match node.state {
-        MemberState::Leaving => "leaving",
+        // Asked again (a retried request, say): already so; nothing changes, the epoch stays.
+        MemberState::Leaving => {
+            return Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({ "id": id, "state": "leaving" })),
+            )
+                .into_response());
+        }
         MemberState::Joining => "removed",
         MemberState::Active => {
             let others = topology
@@ -400,7 +407,7 @@ async fn remove_node(
         }
     };
     state.cluster().update(|tx| {
-        if new_state == "removed" {
+        if node.state == MemberState::Joining {
             tx.execute("DELETE FROM nodes WHERE id = ?1", [&id])?;
         } else {
             tx.execute("UPDATE nodes SET state = 'leaving' WHERE id = ?1", [&id])?;

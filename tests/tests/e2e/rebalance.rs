@@ -242,6 +242,13 @@ async fn removing_a_node_while_writing_drains_it() {
     let (status, body) = client.delete("/v1/cluster/nodes/n2").await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["state"], "leaving");
+    // Asked again, the same answer, and nothing changes: the epoch stays.
+    let (_, leaving) = client.get("/v1/cluster").await;
+    let (status, body) = client.delete("/v1/cluster/nodes/n2").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["state"], "leaving");
+    let (_, again) = client.get("/v1/cluster").await;
+    assert_eq!(again["epoch"], leaving["epoch"], "{again}");
     let done = rebalance_and_wait(&client).await;
     assert_eq!(done["state"], "done", "{done}");
     let (logs, violations) = writers.finish(&client).await;
