@@ -16,9 +16,9 @@ pub enum ProxyError {
     /// The request is malformed or breaks a rule; nothing was changed.
     #[error("{0}")]
     BadRequest(String),
-    /// The table does not exist on the cluster's shards.
-    #[error("unknown table \"{0}\"")]
-    UnknownTable(String),
+    /// The table does not exist on the cluster's shards; `hint` names the ones that do.
+    #[error("unknown table \"{table}\": {hint}")]
+    UnknownTable { table: String, hint: String },
     /// The request lacks the token its API needs.
     #[error("{0}")]
     Unauthorized(String),
@@ -67,7 +67,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::UnknownTable(_) | ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::UnknownTable { .. } | ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Conflict(_) => StatusCode::CONFLICT,
@@ -88,7 +88,10 @@ impl ProxyError {
     pub fn for_each_caller(&self) -> ProxyError {
         match self {
             ProxyError::BadRequest(m) => ProxyError::BadRequest(m.clone()),
-            ProxyError::UnknownTable(m) => ProxyError::UnknownTable(m.clone()),
+            ProxyError::UnknownTable { table, hint } => ProxyError::UnknownTable {
+                table: table.clone(),
+                hint: hint.clone(),
+            },
             ProxyError::Unauthorized(m) => ProxyError::Unauthorized(m.clone()),
             ProxyError::NotFound(m) => ProxyError::NotFound(m.clone()),
             ProxyError::MethodNotAllowed(m) => ProxyError::MethodNotAllowed(m.clone()),

@@ -13,6 +13,26 @@ use shardlite_node::schema::{SchemaResponse, TableSchema};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Names at most this many tables in an unknown table's answer.
+const HINT_TABLES: usize = 20;
+
+/// What an unknown table's answer says about the tables there are.
+fn known_tables<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let mut names: Vec<&str> = names.map(String::as_str).collect();
+    if names.is_empty() {
+        return "the cluster has no tables yet; create them with `shardlite migrate --dir DIR`"
+            .into();
+    }
+    names.sort_unstable();
+    let more = names.len().saturating_sub(HINT_TABLES);
+    names.truncate(HINT_TABLES);
+    let mut hint = format!("the cluster's tables are {}", names.join(", "));
+    if more > 0 {
+        hint.push_str(&format!(" and {more} more"));
+    }
+    hint
+}
+
 #[derive(Default)]
 pub struct SchemaCache {
     tables: ArcSwap<HashMap<String, Arc<TableSchema>>>,
@@ -36,11 +56,14 @@ impl SchemaCache {
         if Arc::ptr_eq(&seen, &self.tables.load_full()) {
             self.refresh(topology, upstream).await?;
         }
-        self.tables
-            .load()
+        let tables = self.tables.load();
+        tables
             .get(name)
             .cloned()
-            .ok_or_else(|| ProxyError::UnknownTable(name.to_owned()))
+            .ok_or_else(|| ProxyError::UnknownTable {
+                table: name.to_owned(),
+                hint: known_tables(tables.keys()),
+            })
     }
 
     /// Fetches the schema from the first node that answers (data-owning nodes first).
@@ -79,5 +102,24 @@ impl SchemaCache {
     /// Forgets everything; the next lookup fetches afresh (after a migration).
     pub fn clear(&self) {
         self.tables.store(Arc::new(HashMap::new()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_table_names_the_tables_there_are() {
+        let none: Vec<String> = Vec::new();
+        assert!(known_tables(none.iter()).contains("no tables yet"));
+        let some = ["users".to_owned(), "orders".to_owned()];
+        assert_eq!(
+            known_tables(some.iter()),
+            "the cluster's tables are orders, users"
+        );
+        let many: Vec<String> = (0..25).map(|i| format!("t{i:02}")).collect();
+        let hint = known_tables(many.iter());
+        assert!(hint.ends_with("t19 and 5 more"), "{hint}");
     }
 }

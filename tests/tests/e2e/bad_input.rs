@@ -423,3 +423,31 @@ async fn every_bad_input_gets_a_4xx_and_changes_nothing() {
     );
     cluster.stop().await;
 }
+
+/// An unknown table's 404 says which tables there are, or that there are none yet and what
+/// creates them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_table_names_the_tables_there_are() {
+    let cluster = TestCluster::start(2).await;
+    let (status, body) = cluster
+        .client
+        .put("/v1/tables/user/rows/u1", json!({ "name": "U" }))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("\"user\"") && error.contains("tables are orders, users"),
+        "{error}"
+    );
+    cluster.stop().await;
+
+    let bare = TestCluster::start_bare(1).await;
+    let (status, body) = bare.client.get("/v1/tables/users/rows/u1").await;
+    assert_eq!(status, 404, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("no tables yet") && error.contains("shardlite migrate"),
+        "{error}"
+    );
+    bare.stop().await;
+}
