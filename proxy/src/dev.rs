@@ -102,17 +102,57 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
         )?;
     }
     let host = proxy_url.trim_start_matches("http://");
+    // What to try depends on the tables there are: the sample schema's `users`, some other
+    // schema, or none yet (no migrations directory where `dev` was started).
+    let tables: Vec<String> = {
+        let topology = proxy.cluster().topology();
+        match proxy.schema().refresh(&topology, proxy.upstream()).await {
+            Ok(()) => proxy
+                .schema()
+                .all()
+                .iter()
+                .map(|t| t.name.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    };
+    // The CLI finds the proxy at its default address by itself; elsewhere it must be told.
+    let to_proxy = if host == "127.0.0.1:7000" {
+        String::new()
+    } else {
+        format!(" --proxy {proxy_url}")
+    };
     writeln!(out, "\ntry:")?;
-    writeln!(
-        out,
-        "  curl -X PUT {host}/v1/tables/users/rows/alice -d '{{\"name\":\"Alice\",\"email\":\"alice@example.com\"}}'"
-    )?;
-    writeln!(out, "  curl {host}/v1/tables/users/rows/alice")?;
-    writeln!(
-        out,
-        "  curl -X POST {host}/v1/sql -d '{{\"sql\":\"SELECT id, name FROM users\"}}'"
-    )?;
-    writeln!(out, "  shardlite status")?;
+    if tables.iter().any(|t| t == "users") {
+        writeln!(
+            out,
+            "  curl -X PUT {host}/v1/tables/users/rows/alice -d '{{\"name\":\"Alice\",\"email\":\"alice@example.com\"}}'"
+        )?;
+        writeln!(out, "  curl {host}/v1/tables/users/rows/alice")?;
+        writeln!(
+            out,
+            "  curl -X POST {host}/v1/sql -d '{{\"sql\":\"SELECT id, name FROM users\"}}'"
+        )?;
+    } else if let Some(table) = tables.first() {
+        writeln!(
+            out,
+            "  curl -X POST {host}/v1/sql -d '{{\"sql\":\"SELECT * FROM {table} LIMIT 5\"}}'"
+        )?;
+        writeln!(out, "  curl {host}/v1/cluster")?;
+    } else {
+        writeln!(out, "  mkdir -p migrations")?;
+        writeln!(
+            out,
+            "  echo 'CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT);' > migrations/0001_kv.sql"
+        )?;
+        writeln!(out, "  shardlite migrate --dir migrations{to_proxy}")?;
+        writeln!(
+            out,
+            "  curl -X PUT {host}/v1/tables/kv/rows/a -d '{{\"v\":\"hello\"}}'"
+        )?;
+        writeln!(out, "  curl {host}/v1/tables/kv/rows/a")?;
+    }
+    writeln!(out, "  shardlite status{to_proxy}")?;
     writeln!(
         out,
         "\nCtrl-C stops the cluster; the data stays in {}.",

@@ -345,3 +345,72 @@ fn dev_serves_a_migrated_cluster_and_keeps_its_data() {
         "{row}"
     );
 }
+
+/// `shardlite dev` where there is no migrations directory: the cluster has no tables, so the
+/// lines it prints to try start by making one, and doing what they say works.
+#[test]
+fn dev_without_a_schema_prints_how_to_make_one_and_that_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_run(1);
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let missing = dir.path().join("migrations");
+    let args = [
+        "--nodes",
+        "1",
+        "--data",
+        data.to_str().unwrap(),
+        "--migrations",
+        missing.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    let (_dev, printed) = start_dev(&args);
+    assert!(printed.contains("no tables yet"), "{printed}");
+    assert!(!printed.contains("tables/users"), "{printed}");
+    let tried: Vec<&str> = printed
+        .lines()
+        .skip_while(|l| *l != "try:")
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+
+    // Follow the lines in `dir`: the schema file, then the migration, then the row.
+    let echo = tried
+        .iter()
+        .find(|l| l.starts_with("echo '"))
+        .expect(&printed);
+    let (sql, file) = echo["echo '".len()..].split_once("' > ").unwrap();
+    std::fs::create_dir_all(dir.path().join("migrations")).unwrap();
+    std::fs::write(dir.path().join(file), sql).unwrap();
+    let migrate = tried
+        .iter()
+        .find(|l| l.starts_with("shardlite migrate"))
+        .expect(&printed);
+    let output = Command::new(shardlite_bin())
+        .args(migrate.split_whitespace().skip(1))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{migrate}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let put = tried
+        .iter()
+        .find(|l| l.starts_with("curl -X PUT"))
+        .expect(&printed);
+    let path = put.split_whitespace().nth(3).unwrap();
+    let path = path.strip_prefix(listen.as_str()).expect(put);
+    let body: Value =
+        serde_json::from_str(put.split_once("-d '").unwrap().1.trim_end_matches('\'')).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = Client::new(format!("http://{listen}"));
+    let (status, answer) = runtime.block_on(client.put(path, body.clone()));
+    assert_eq!(status, 200, "{put}: {answer}");
+    let (status, row) = runtime.block_on(client.get(path));
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(row["v"], body["v"], "{row}");
+}
