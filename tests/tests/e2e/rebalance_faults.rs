@@ -261,6 +261,14 @@ async fn a_source_node_killed_mid_copy_does_not_stop_the_job() {
     kill_during("copy", Victim::SourceNode).await;
 }
 
+/// Killed with its fence up: the fence and the change log are in the source's file, so it
+/// comes back refusing writes to the moving ranges; the job goes back to catching up, puts the
+/// fence up again, drains and switches. Writes held at the fence meanwhile lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_node_killed_while_fenced_does_not_stop_the_job() {
+    kill_during("fenced", Victim::SourceNode).await;
+}
+
 /// The clean-up deletes a source's old copies in pages, most of them committed without a sync
 /// of their own; killed there, the source comes back with its fence up, and the clean-up
 /// starts its purge over and finishes: no leftovers, nothing lost.
