@@ -1,6 +1,7 @@
-//! Guarantee 4 for the rebalance: `kill -9` of the proxy or of a source node at a chosen step,
-//! then a restart; the job resumes by itself, `shardlite rebalance` waits for it, and the
-//! history, `verify` and the node files all check out.
+//! Guarantee 4 for the rebalance, adding a node and removing one: `kill -9` of the proxy or of
+//! a source or target node at a chosen step, then a restart; the job resumes by itself,
+//! `shardlite rebalance` waits for it, and the history, `verify` and the node files all check
+//! out.
 
 use serde_json::{Value, json};
 use shardlite_tests::history::{self, WriterLog};
@@ -125,14 +126,23 @@ async fn wait_for_phase(client: &Client, phase: &str) {
     }
 }
 
+/// What the rebalance does.
+#[derive(Clone, Copy, PartialEq)]
+enum Change {
+    /// n4 joins; n1-n3 are sources.
+    AddN4,
+    /// n1 leaves; it is the only source, n2 and n3 the targets.
+    RemoveN1,
+}
+
 enum Victim {
     Proxy,
     SourceNode,
-    /// n4, the node the rows move to.
+    /// n4, the node the rows move to (adding only).
     TargetNode,
 }
 
-async fn kill_during(phase: &str, victim: Victim) {
+async fn kill_during(change: Change, phase: &str, victim: Victim) {
     let mut cluster = Cluster::start().await;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -154,7 +164,14 @@ async fn kill_during(phase: &str, victim: Victim) {
         )));
     }
 
-    let mut n4 = cluster.add_n4().await;
+    let mut n4 = match change {
+        Change::AddN4 => Some(cluster.add_n4().await),
+        Change::RemoveN1 => {
+            let (status, body) = cluster.client.delete("/v1/cluster/nodes/n1").await;
+            assert_eq!(status, 202, "{body}");
+            None
+        }
+    };
     let (status, body) = cluster
         .client
         .post("/v1/cluster/rebalance", Value::Null)
@@ -173,10 +190,11 @@ async fn kill_during(phase: &str, victim: Victim) {
             cluster.restart_node(0);
         }
         Victim::TargetNode => {
-            let port = n4.port();
-            n4.kill();
+            let target = n4.as_mut().expect("a target victim is n4, which joins");
+            let port = target.port();
+            target.kill();
             tokio::time::sleep(Duration::from_millis(400)).await;
-            n4 = start(&node_args(
+            *target = start(&node_args(
                 cluster.dir.path(),
                 "n4",
                 &format!("127.0.0.1:{port}"),
@@ -226,11 +244,31 @@ async fn kill_during(phase: &str, victim: Victim) {
         ROWS as u64 + writer_rows,
         "no row lost or doubled: {report}"
     );
-    assert!(
-        report["nodes"]["n4"]["rows"].as_u64().unwrap() > 0,
-        "{report}"
-    );
-    for i in 1..=4 {
+    let members = match change {
+        Change::AddN4 => {
+            assert!(
+                report["nodes"]["n4"]["rows"].as_u64().unwrap() > 0,
+                "{report}"
+            );
+            1..=4
+        }
+        Change::RemoveN1 => {
+            let (_, topology) = cluster.client.get("/v1/cluster").await;
+            assert!(
+                topology["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|n| n["id"] != "n1"),
+                "n1 left the topology: {topology}"
+            );
+            let db = cluster.dir.path().join("n1.db");
+            let kept = shardlite_tests::keys_in_file(&db, "users");
+            assert!(kept.is_empty(), "n1 keeps {} rows", kept.len());
+            1..=3
+        }
+    };
+    for i in members {
         let db = cluster.dir.path().join(format!("n{i}.db"));
         assert_eq!(
             transfer_leftovers(&db),
@@ -243,22 +281,39 @@ async fn kill_during(phase: &str, victim: Victim) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_killed_mid_copy_resumes_the_job() {
-    kill_during("copy", Victim::Proxy).await;
+    kill_during(Change::AddN4, "copy", Victim::Proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_killed_while_fenced_resumes_the_job() {
-    kill_during("fenced", Victim::Proxy).await;
+    kill_during(Change::AddN4, "fenced", Victim::Proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_killed_during_cleanup_finishes_the_job() {
-    kill_during("committed", Victim::Proxy).await;
+    kill_during(Change::AddN4, "committed", Victim::Proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_node_killed_mid_copy_does_not_stop_the_job() {
-    kill_during("copy", Victim::SourceNode).await;
+    kill_during(Change::AddN4, "copy", Victim::SourceNode).await;
+}
+
+/// Removing a node: the proxy killed mid-copy, then the leaving node (the only source)
+/// killed mid-copy and during its clean-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_survives_the_proxy_killed_mid_copy() {
+    kill_during(Change::RemoveN1, "copy", Victim::Proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_survives_the_leaving_node_killed_mid_copy() {
+    kill_during(Change::RemoveN1, "copy", Victim::SourceNode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_survives_the_leaving_node_killed_during_cleanup() {
+    kill_during(Change::RemoveN1, "committed", Victim::SourceNode).await;
 }
 
 /// Killed with its fence up: the fence and the change log are in the source's file, so it
@@ -266,7 +321,7 @@ async fn a_source_node_killed_mid_copy_does_not_stop_the_job() {
 /// fence up again, drains and switches. Writes held at the fence meanwhile lose nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_node_killed_while_fenced_does_not_stop_the_job() {
-    kill_during("fenced", Victim::SourceNode).await;
+    kill_during(Change::AddN4, "fenced", Victim::SourceNode).await;
 }
 
 /// The clean-up deletes a source's old copies in pages, most of them committed without a sync
@@ -274,21 +329,21 @@ async fn a_source_node_killed_while_fenced_does_not_stop_the_job() {
 /// starts its purge over and finishes: no leftovers, nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_node_killed_during_cleanup_does_not_stop_the_job() {
-    kill_during("committed", Victim::SourceNode).await;
+    kill_during(Change::AddN4, "committed", Victim::SourceNode).await;
 }
 
 /// The target dies with part of the copy applied (each page committed and synced there);
 /// restarted, it gets the rest from the saved cursors, and the count check then holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_target_node_killed_mid_copy_does_not_stop_the_job() {
-    kill_during("copy", Victim::TargetNode).await;
+    kill_during(Change::AddN4, "copy", Victim::TargetNode).await;
 }
 
 /// Killed while the sources' fences are up: the drain cannot reach it, the job retries until
 /// it is back, and writes to the moving keys wait or fail in the meantime but lose nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_target_node_killed_while_fenced_does_not_stop_the_job() {
-    kill_during("fenced", Victim::TargetNode).await;
+    kill_during(Change::AddN4, "fenced", Victim::TargetNode).await;
 }
 
 /// The count check runs before the fence while writes may go on; it must still catch a row
