@@ -299,11 +299,22 @@ async fn a_source_node_killed_mid_copy_does_not_stop_the_job() {
     kill_during(Change::AddN4, "copy", Victim::SourceNode).await;
 }
 
-/// Removing a node: the proxy killed mid-copy, then the leaving node (the only source)
-/// killed mid-copy and during its clean-up.
+/// Removing a node: n1 leaves, and it is the only source; the proxy or n1 is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_node_survives_the_proxy_killed_mid_copy() {
     kill_during(Change::RemoveN1, "copy", Victim::Proxy).await;
+}
+
+/// The switch takes the leaving node out of the ring, and it leaves the topology once its
+/// copies are deleted: a proxy killed in between must still take it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_survives_the_proxy_killed_during_cleanup() {
+    kill_during(Change::RemoveN1, "committed", Victim::Proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_survives_the_leaving_node_killed_while_fenced() {
+    kill_during(Change::RemoveN1, "fenced", Victim::SourceNode).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
