@@ -150,7 +150,10 @@ struct Pending {
 /// share one writer thread per node whose group commit takes what is queued anyway: one
 /// exchange at a time lets the next set gather while the node syncs. 2 were slower in an A/B
 /// run alternating the two (old, new, old, new): 14.1k and 14.8k PUT/s against 19.5k and 16.3k
-/// with 1, at about the same CPU.
+/// with 1, at about the same CPU. Measured again on 2026-11-29, when the machine was faster
+/// and the bench left about 0.3 cores idle during the proxy's PUTs: 3 alternating pairs gave
+/// 19.4k, 20.6k and 21.0k PUT/s with 2 against 26.4k, 26.2k and 22.0k with 1; with 2 the
+/// nodes commit 6.7 writes at a time instead of 10.2.
 const READ_EXCHANGES: usize = 2;
 const WRITE_EXCHANGES: usize = 1;
 /// The most bytes of operation bodies one exchange gathers (it always takes at least one).
