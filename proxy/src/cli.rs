@@ -713,6 +713,15 @@ async fn rebalance(args: RebalanceArgs, out: &mut dyn Write) -> anyhow::Result<E
         if args.admin.json {
             print_json(out, &plan)?;
         } else {
+            if plan.moves.is_empty() && plan.joining.is_empty() && plan.leaving.is_empty() {
+                writeln!(
+                    out,
+                    "nothing would move: no node is joining or leaving, so the ring stays as \
+                     it is ({} rows); nothing was changed",
+                    plan.rows_total
+                )?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let mut rows = vec![["FROM", "TO", "ROWS"].map(String::from).to_vec()];
             for m in &plan.moves {
                 rows.push(vec![m.from.clone(), m.to.clone(), m.rows.to_string()]);

@@ -121,6 +121,14 @@ fn nodes_rebalance_and_verify_commands_drive_a_membership_change() {
         })
     };
 
+    // Nothing joining or leaving: the plan says so in words, not as an empty table.
+    let (code, out, err) = shardlite(&["rebalance", "--dry-run", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("nothing would move") && !out.contains("FROM"),
+        "{out}"
+    );
+
     let n4_db = dir.path().join("n4.db");
     let n4 = Spawned::start(&[
         "node",
@@ -150,6 +158,12 @@ fn nodes_rebalance_and_verify_commands_drive_a_membership_change() {
         assert_eq!(m["to"], "n4", "{plan}");
     }
     assert_eq!(rows_of(&n4.url), 0, "a dry run moved rows");
+    let (code, out, err) = shardlite(&["rebalance", "--dry-run", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("FROM") && out.contains("would move; joining: n4"),
+        "{out}"
+    );
 
     // Started without waiting; a plain `rebalance` then waits for the job that runs (or, if it
     // already ended, finds nothing left to move).
