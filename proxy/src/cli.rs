@@ -338,6 +338,15 @@ async fn run_node(args: NodeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCod
 async fn run_proxy(args: ProxyArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let state = ProxyState::open(args.config())
         .with_context(|| format!("cannot open the state file {}", args.state.display()))?;
+    let ignored = state.cluster().differing_seeds(&args.nodes);
+    if !ignored.is_empty() {
+        tracing::warn!(
+            ignored = %ignored.join(", "),
+            "--node flags count only when the state file is new, and these differ from its \
+             members (`shardlite nodes list`); change membership with `shardlite nodes add` and \
+             `nodes remove`"
+        );
+    }
     let listener = bind(args.listen, "proxy").await?;
     announce(out, "proxy", &listener)?;
     crate::serve(listener, state, shutdown_signal()).await?;

@@ -196,6 +196,40 @@ impl Cluster {
         Ok(out)
     }
 
+    /// The seeds (`--node ID=URL`) that the state file does not hold as given: it ignores
+    /// them once it exists, which the caller should say.
+    pub fn differing_seeds(&self, seeds: &[(String, String)]) -> Vec<String> {
+        seeds_not_in(seeds, &self.topology())
+    }
+
+    /// For `shardlite dev`, which starts node `n1` on `n1.db` at a port derived from its own:
+    /// a seed whose id the state file holds at another URL is the same node moved, so its URL
+    /// becomes the seed's. Ownership does not change, so neither does the epoch. Returns what
+    /// moved, as `id: old -> new`.
+    pub fn adopt_seed_urls(&self, seeds: &[(String, String)]) -> ProxyResult<Vec<String>> {
+        let topology = self.topology();
+        let mut moved = Vec::new();
+        for (id, url) in seeds {
+            let url = normalize_url(url)?;
+            if let Some(node) = topology.node(id).filter(|n| n.url != url) {
+                moved.push((id.clone(), node.url.clone(), url));
+            }
+        }
+        if moved.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.update(|tx| {
+            for (id, _, url) in &moved {
+                tx.execute("UPDATE nodes SET url = ?2 WHERE id = ?1", params![id, url])?;
+            }
+            Ok(())
+        })?;
+        Ok(moved
+            .into_iter()
+            .map(|(id, old, new)| format!("{id}: {old} -> {new}"))
+            .collect())
+    }
+
     /// Runs `change` in one transaction on the state file; membership is not reloaded (for job
     /// records and the migration set).
     pub fn write<T>(
@@ -307,9 +341,55 @@ pub fn normalize_url(url: &str) -> ProxyResult<String> {
     Ok(trimmed.to_owned())
 }
 
+/// The seeds (`--node ID=URL`) that an existing state file does not hold as they are: an id
+/// it lacks, or one it holds at another URL.
+fn seeds_not_in(seeds: &[(String, String)], topology: &Topology) -> Vec<String> {
+    seeds
+        .iter()
+        .filter(|(id, url)| {
+            let url = normalize_url(url).unwrap_or_else(|_| url.clone());
+            topology.node(id).is_none_or(|n| n.url != url)
+        })
+        .map(|(id, url)| format!("{id}={url}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeds_that_differ_from_an_existing_state_file_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let seeds = vec![
+            ("a".to_owned(), "http://127.0.0.1:1".to_owned()),
+            ("b".to_owned(), "http://127.0.0.1:2".to_owned()),
+        ];
+        let cluster = Cluster::open(&path, &seeds, 16).unwrap();
+        let topology = cluster.topology();
+        assert!(seeds_not_in(&seeds, &topology).is_empty());
+        let same_but_spelled = vec![("a".to_owned(), "http://127.0.0.1:1/".to_owned())];
+        assert!(seeds_not_in(&same_but_spelled, &topology).is_empty());
+        let moved = vec![
+            ("a".to_owned(), "http://127.0.0.1:9".to_owned()),
+            ("c".to_owned(), "http://127.0.0.1:3".to_owned()),
+        ];
+        assert_eq!(
+            cluster.differing_seeds(&moved),
+            vec!["a=http://127.0.0.1:9", "c=http://127.0.0.1:3"]
+        );
+
+        // Adopted (as `dev` does): the known id moves, the unknown one is not added, and the
+        // epoch stays.
+        let adopted = cluster.adopt_seed_urls(&moved).unwrap();
+        assert_eq!(adopted, vec!["a: http://127.0.0.1:1 -> http://127.0.0.1:9"]);
+        let topology = cluster.topology();
+        assert_eq!(topology.node("a").unwrap().url, "http://127.0.0.1:9");
+        assert!(topology.node("c").is_none());
+        assert_eq!(topology.epoch, 1);
+        assert!(cluster.adopt_seed_urls(&moved).unwrap().is_empty());
+    }
 
     #[test]
     fn seeds_count_only_when_the_state_file_is_new() {

@@ -50,8 +50,16 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
     }
 
     let mut config = ProxyConfig::new(args.data.join("proxy.db"));
-    config.seed_nodes = seeds;
+    config.seed_nodes = seeds.clone();
     let proxy = ProxyState::open(config).context("cannot open the proxy's state file")?;
+    // Started before on other ports (another --listen): node n1 is still n1.db, now here.
+    for moved in proxy
+        .cluster()
+        .adopt_seed_urls(&seeds)
+        .context("cannot record the nodes' new addresses")?
+    {
+        writeln!(out, "moved  {moved}")?;
+    }
     let listener = bind(args.listen, "proxy").await?;
 
     // The nodes only, not the topology snapshot: a rebalance's switch waits until nobody holds

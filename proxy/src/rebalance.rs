@@ -434,9 +434,12 @@ pub async fn start(state: &ProxyState, guard: JobGuard) -> ProxyResult<Rebalance
 
 /// Resumes a job that a crash cut off; called once when the proxy starts serving.
 pub fn resume(state: &ProxyState) -> ProxyResult<()> {
-    let Some(job) = load_latest(state)? else {
+    let Some(mut job) = load_latest(state)? else {
         return Ok(());
     };
+    if job.state == JobState::Running && follow_moved_nodes(&mut job, &state.cluster().topology()) {
+        save(state, &job)?;
+    }
     state.publish_rebalance(RebalanceStatus::of(&job));
     if job.state == JobState::Running {
         let guard = state.jobs().begin(format!("rebalance {}", job.id))?;
@@ -448,6 +451,25 @@ pub fn resume(state: &ProxyState) -> ProxyResult<()> {
         spawn(state.clone(), job, guard);
     }
     Ok(())
+}
+
+/// A job names its nodes by id and keeps their URLs for its calls; a node the topology now
+/// has at another URL (`shardlite dev` started on other ports) is called there. Whether any
+/// URL changed.
+fn follow_moved_nodes(job: &mut Job, topology: &Topology) -> bool {
+    let mut changed = false;
+    let urls = job
+        .nodes
+        .iter_mut()
+        .map(|n| (&n.id, &mut n.url))
+        .chain(job.sources.iter_mut().map(|s| (&s.id, &mut s.url)));
+    for (id, url) in urls {
+        if let Some(now) = topology.node(id).filter(|n| n.url != *url) {
+            url.clone_from(&now.url);
+            changed = true;
+        }
+    }
+    changed
 }
 
 fn spawn(state: ProxyState, job: Job, guard: JobGuard) {
@@ -1571,6 +1593,51 @@ mod tests {
 
     fn test_state(dir: &tempfile::TempDir) -> ProxyState {
         ProxyState::open(crate::server::ProxyConfig::new(dir.path().join("state.db"))).unwrap()
+    }
+
+    /// A resumed job calls a node where the topology has it now, by id.
+    #[test]
+    fn a_resumed_job_follows_a_node_to_its_new_url() {
+        let node = |id: &str, url: &str| NodeInfo {
+            id: id.into(),
+            url: url.into(),
+            state: MemberState::Active,
+            weight: 1,
+        };
+        let mut src = source(&[(0, 9, "b")]);
+        src.url = "http://127.0.0.1:1".into();
+        let mut job = Job {
+            id: "j1".into(),
+            state: JobState::Running,
+            phase: Phase::Copy,
+            from_epoch: 1,
+            nodes: vec![
+                node("a", "http://127.0.0.1:1"),
+                node("b", "http://127.0.0.1:2"),
+            ],
+            tables: Vec::new(),
+            sources: vec![src],
+            rows_to_move: 0,
+            rows_moved: 0,
+            rows_cleaned: 0,
+            pause_ms: 0,
+            error: None,
+        };
+        let same = Topology::new(1, 16, job.nodes.clone()).unwrap();
+        assert!(!follow_moved_nodes(&mut job, &same));
+        let moved = Topology::new(
+            1,
+            16,
+            vec![
+                node("a", "http://127.0.0.1:9"),
+                node("b", "http://127.0.0.1:2"),
+            ],
+        )
+        .unwrap();
+        assert!(follow_moved_nodes(&mut job, &moved));
+        assert_eq!(job.nodes[0].url, "http://127.0.0.1:9");
+        assert_eq!(job.nodes[1].url, "http://127.0.0.1:2");
+        assert_eq!(job.sources[0].url, "http://127.0.0.1:9");
     }
 
     /// A cancel names its job, in memory and in the state file: it survives reopening the

@@ -350,8 +350,27 @@ fn dev_serves_a_migrated_cluster_and_keeps_its_data() {
     drop(dev);
 
     // Again on the same data: the row and the schema are still there.
-    let (_dev, printed) = start_dev(&args);
+    let (dev, printed) = start_dev(&args);
     assert!(printed.contains("every node at version 2"), "{printed}");
+    let (status, row) = runtime.block_on(client.get(&Client::row_path("users", "alice")));
+    assert_eq!(
+        (status.as_u16(), &row["name"]),
+        (200, &Value::from("Alice")),
+        "{row}"
+    );
+    drop(dev);
+
+    // And on other ports: the state file knew the nodes at the old ones; they moved with it.
+    let port = free_port_run(2);
+    let listen = format!("127.0.0.1:{port}");
+    let mut moved_args = args;
+    moved_args[7] = &listen;
+    let (_dev, printed) = start_dev(&moved_args);
+    assert!(
+        printed.contains(&format!("-> http://127.0.0.1:{}", port + 1)),
+        "{printed}"
+    );
+    let client = Client::new(format!("http://{listen}"));
     let (status, row) = runtime.block_on(client.get(&Client::row_path("users", "alice")));
     assert_eq!(
         (status.as_u16(), &row["name"]),
