@@ -88,8 +88,8 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
     } else {
         writeln!(
             out,
-            "schema: no {} directory here, so no tables yet; add NNNN_name.sql files and run \
-             `shardlite migrate --dir DIR`",
+            "schema: no {} directory here, so no migrations applied at start; add NNNN_name.sql \
+             files and run `shardlite migrate --dir DIR`",
             args.migrations.display()
         )?;
     }
@@ -112,16 +112,16 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
     let host = proxy_url.trim_start_matches("http://");
     // What to try depends on the tables there are: the sample schema's `users`, some other
     // schema, or none yet (no migrations directory where `dev` was started).
-    let tables: Vec<String> = {
+    let tables: Result<Vec<String>, String> = {
         let topology = proxy.cluster().topology();
         match proxy.schema().refresh(&topology, proxy.upstream()).await {
-            Ok(()) => proxy
+            Ok(()) => Ok(proxy
                 .schema()
                 .all()
                 .iter()
                 .map(|t| t.name.clone())
-                .collect(),
-            Err(_) => Vec::new(),
+                .collect()),
+            Err(e) => Err(e.message()),
         }
     };
     // The CLI finds the proxy at its default address by itself; elsewhere it must be told.
@@ -131,34 +131,41 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
         format!(" --proxy {proxy_url}")
     };
     writeln!(out, "\ntry:")?;
-    if tables.iter().any(|t| t == "users") {
-        writeln!(
-            out,
-            "  curl -X PUT {host}/v1/tables/users/rows/alice -d '{{\"name\":\"Alice\",\"email\":\"alice@example.com\"}}'"
-        )?;
-        writeln!(out, "  curl {host}/v1/tables/users/rows/alice")?;
-        writeln!(
-            out,
-            "  curl -X POST {host}/v1/sql -d '{{\"sql\":\"SELECT id, name FROM users\"}}'"
-        )?;
-    } else if let Some(table) = tables.first() {
-        writeln!(
-            out,
-            "  curl -X POST {host}/v1/sql -d '{{\"sql\":\"SELECT * FROM {table} LIMIT 5\"}}'"
-        )?;
-        writeln!(out, "  curl {host}/v1/cluster")?;
-    } else {
-        writeln!(out, "  mkdir -p migrations")?;
-        writeln!(
-            out,
-            "  echo 'CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT);' > migrations/0001_kv.sql"
-        )?;
-        writeln!(out, "  shardlite migrate --dir migrations{to_proxy}")?;
-        writeln!(
-            out,
-            "  curl -X PUT {host}/v1/tables/kv/rows/a -d '{{\"v\":\"hello\"}}'"
-        )?;
-        writeln!(out, "  curl {host}/v1/tables/kv/rows/a")?;
+    match tables.as_deref() {
+        // No node answered (members the state file holds that `dev` did not start, say): what
+        // there is to try is unknown; status shows which node is down.
+        Err(e) => writeln!(out, "  (no node answered for the schema: {e})")?,
+        Ok(tables) if tables.iter().any(|t| t == "users") => {
+            writeln!(
+                out,
+                "  curl -X PUT {host}/v1/tables/users/rows/alice -d '{{\"name\":\"Alice\",\"email\":\"alice@example.com\"}}'"
+            )?;
+            writeln!(out, "  curl {host}/v1/tables/users/rows/alice")?;
+            writeln!(
+                out,
+                "  curl -X POST {host}/v1/sql -d '{{\"sql\":\"SELECT id, name FROM users\"}}'"
+            )?;
+        }
+        Ok([table, ..]) => {
+            writeln!(
+                out,
+                "  curl -X POST {host}/v1/sql -d '{{\"sql\":\"SELECT * FROM {table} LIMIT 5\"}}'"
+            )?;
+            writeln!(out, "  curl {host}/v1/cluster")?;
+        }
+        Ok([]) => {
+            writeln!(out, "  mkdir -p migrations")?;
+            writeln!(
+                out,
+                "  echo 'CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT);' > migrations/0001_kv.sql"
+            )?;
+            writeln!(out, "  shardlite migrate --dir migrations{to_proxy}")?;
+            writeln!(
+                out,
+                "  curl -X PUT {host}/v1/tables/kv/rows/a -d '{{\"v\":\"hello\"}}'"
+            )?;
+            writeln!(out, "  curl {host}/v1/tables/kv/rows/a")?;
+        }
     }
     writeln!(out, "  shardlite status{to_proxy}")?;
     writeln!(

@@ -399,7 +399,10 @@ fn dev_without_a_schema_prints_how_to_make_one_and_that_works() {
         &listen,
     ];
     let (_dev, printed) = start_dev(&args);
-    assert!(printed.contains("no tables yet"), "{printed}");
+    assert!(
+        printed.contains("no migrations applied at start"),
+        "{printed}"
+    );
     assert!(!printed.contains("tables/users"), "{printed}");
     let tried: Vec<&str> = printed
         .lines()
