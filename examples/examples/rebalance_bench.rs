@@ -121,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
     let api = Arc::new(Api {
         http: Upstream::new(UpstreamConfig {
             request_timeout: Duration::from_secs(600),
+            name_nodes: false,
             ..UpstreamConfig::default()
         }),
         url: format!("http://{}", listener.local_addr()?),

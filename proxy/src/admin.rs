@@ -415,6 +415,11 @@ async fn remove_node(
         bump_epoch(tx)
     })?;
     tracing::info!(node = %id, state = new_state, "node removed");
+    if node.state == MemberState::Joining {
+        // It left at once; it may be added again under any id.
+        let (state, node) = (state.clone(), node.clone());
+        tokio::spawn(async move { rebalance::release_node(&state, &node.id, &node.url).await });
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "id": id, "state": new_state })),

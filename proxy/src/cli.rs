@@ -154,6 +154,7 @@ impl ProxyArgs {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             bearer: self.cluster_secret.clone(),
+            name_nodes: true,
         };
         config.auth = crate::auth::AuthConfig {
             data_token: self.token.clone(),
@@ -384,6 +385,7 @@ impl AdminClient {
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(3600),
             bearer: admin.admin_token.clone(),
+            name_nodes: false,
         });
         Ok(AdminClient { upstream, base })
     }

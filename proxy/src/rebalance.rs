@@ -612,6 +612,10 @@ async fn run(state: &ProxyState, mut job: Job) {
                 if let Err(e) = save(state, &job) {
                     tracing::error!(job = %job.id, error = %e, "cannot record the finished job");
                 }
+                let topology = state.cluster().topology();
+                for node in job.nodes.iter().filter(|n| topology.node(&n.id).is_none()) {
+                    release_node(state, &node.id, &node.url).await;
+                }
                 tracing::info!(
                     job = %job.id,
                     rows = job.rows_moved,
@@ -651,6 +655,15 @@ async fn run(state: &ProxyState, mut job: Job) {
                 tokio::time::sleep(RETRY_DELAY).await;
             }
         }
+    }
+}
+
+/// Tells a node that left the topology to forget which member it was, so it can be added
+/// again under any id (see `shardlite_node::identity`). Best effort: a node that does not
+/// answer keeps its id, and can come back only under it (or from a fresh file).
+pub(crate) async fn release_node(state: &ProxyState, id: &str, url: &str) {
+    if let Err(e) = send(state, id, url, Method::DELETE, "/v1/identity", None).await {
+        tracing::warn!(node = id, error = %e.message(), "cannot release the node that left; it keeps its id");
     }
 }
 

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as LegacyClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use shardlite_node::identity::NODE_HEADER;
 use shardlite_node::ops::{
     MAX_OPS, OPS_CONTENT_TYPE, OPS_PATH, OpMethod, decode_replies, encode_ops,
 };
@@ -40,6 +41,10 @@ pub struct UpstreamConfig {
     /// Sent as `Authorization: Bearer ...` on every call: the cluster secret towards nodes, the
     /// admin token from the CLI towards the proxy.
     pub bearer: Option<String>,
+    /// Names the node each call is meant for (`x-shardlite-node: <who>`), so a node at a
+    /// wrong address refuses it (421, see `shardlite_node::identity`): on for the proxy's
+    /// calls to its nodes, off for the CLI's calls to the proxy.
+    pub name_nodes: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -48,6 +53,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             bearer: None,
+            name_nodes: true,
         }
     }
 }
@@ -419,6 +425,9 @@ impl Client {
         if let Some(authorization) = &self.authorization {
             builder = builder.header(header::AUTHORIZATION, authorization);
         }
+        if self.config.name_nodes {
+            builder = builder.header(NODE_HEADER, who);
+        }
         let request = builder
             .body(Full::new(body))
             .map_err(|e| ProxyError::BadRequest(format!("cannot build a request to {uri}: {e}")))?;
@@ -435,6 +444,19 @@ impl Client {
                 }
             })?;
             let status = response.status();
+            if status == StatusCode::MISDIRECTED_REQUEST && self.config.name_nodes {
+                // Another node answers at this address: its keys are unavailable (nothing
+                // was done there), never served by the wrong file.
+                let body = response.into_body().collect().await.ok();
+                let said = body
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b.to_bytes()).ok())
+                    .and_then(|v| v["error"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "it is another node".into());
+                return Err(ProxyError::ShardUnavailable {
+                    node: who.to_owned(),
+                    reason: format!("{base_url} refused the call: {said}"),
+                });
+            }
             let fenced = response.headers().contains_key(FENCED_HEADER);
             let body = response
                 .into_body()

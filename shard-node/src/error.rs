@@ -81,6 +81,13 @@ pub enum NodeError {
     /// The node has a cluster secret and the request did not carry it: only the proxy may call.
     #[error("this node only answers its proxy: the request lacks the cluster secret")]
     Unauthorized,
+    /// The call names another node than this one (see `identity`).
+    #[error(
+        "this is node {this}, not {asked}: the proxy has {asked} at {this}'s address (a node \
+         keeps the id it was first added as; compare `shardlite nodes list` with where each node \
+         runs)"
+    )]
+    WrongNode { this: String, asked: String },
     #[error("result too large: {0}")]
     ResultTooLarge(String),
     #[error("statement timed out after {0:?}")]
@@ -183,6 +190,7 @@ impl NodeError {
             | NodeError::RowNotFound { .. } => StatusCode::NOT_FOUND,
             NodeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             NodeError::Unauthorized => StatusCode::UNAUTHORIZED,
+            NodeError::WrongNode { .. } => StatusCode::MISDIRECTED_REQUEST,
             NodeError::MigrationConflict(_)
             | NodeError::Fenced(_)
             | NodeError::CaptureNameClash { .. } => StatusCode::CONFLICT,

@@ -61,15 +61,29 @@ pub fn router(state: NodeState) -> Router {
         )
         .route("/v1/sql", post(run_sql))
         .route("/v1/stats", get(stats))
+        .route("/v1/identity", axum::routing::delete(release_identity))
         .route("/v1/keys", post(keys))
         .route(
             "/v1/migrations",
             get(list_migrations).post(apply_migrations),
         )
         .merge(transfer::routes())
+        // The secret is checked first (the outer layer), so only the proxy can claim the node.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            |state, request, next| check_node(state, request, next, true),
+        ))
         .layer(axum::middleware::from_fn_with_state(secret, require_secret));
+    // Open to all, so it never claims; a proxy's health check still learns of a mix-up.
+    let health =
+        Router::new()
+            .route("/healthz", get(healthz))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                |state, request, next| check_node(state, request, next, false),
+            ));
     Router::new()
-        .route("/healthz", get(healthz))
+        .merge(health)
         .merge(api)
         .fallback(unknown_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
@@ -96,6 +110,48 @@ async fn require_secret(
         }
     }
     next.run(request).await
+}
+
+/// Refuses (421) a call that names another node than this one (`x-shardlite-node`); a call
+/// naming a node that was never claimed claims it, if `claim`. See `identity`.
+async fn check_node(
+    State(state): State<NodeState>,
+    request: Request,
+    next: axum::middleware::Next,
+    claim: bool,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(asked) = request.headers().get(crate::identity::NODE_HEADER) else {
+        return next.run(request).await;
+    };
+    let asked = match asked.to_str() {
+        Ok(id) if !id.is_empty() => id.to_owned(),
+        _ => {
+            return NodeError::InvalidRequest(format!(
+                "{} must name a node id",
+                crate::identity::NODE_HEADER
+            ))
+            .into_response();
+        }
+    };
+    let this = match state.identity() {
+        Some(this) => this,
+        None if claim => match state.claim_identity(asked.clone()).await {
+            Ok(this) => this,
+            Err(e) => return e.into_response(),
+        },
+        None => return next.run(request).await,
+    };
+    if this != asked {
+        return NodeError::WrongNode { this, asked }.into_response();
+    }
+    next.run(request).await
+}
+
+/// `DELETE /v1/identity`: the node left the cluster; it forgets which member it was.
+async fn release_identity(State(state): State<NodeState>) -> Result<Json<Value>, NodeError> {
+    let released = state.release_identity().await?;
+    Ok(Json(serde_json::json!({ "released": released })))
 }
 
 /// Serves `state` on an already-bound listener until `shutdown` completes, then lets

@@ -97,6 +97,7 @@ pub mod error;
 pub mod fence;
 mod guard;
 mod http;
+pub mod identity;
 pub mod key;
 pub mod migrate;
 pub mod ops;

@@ -56,6 +56,9 @@ struct Inner {
     _checkpointer: Checkpointer,
     /// The writer thread's queue. Dropping it lets the thread finish what is queued.
     writer: Writer,
+    /// The node id the file was claimed as (`identity`), as stored; changed only on the
+    /// writer thread, right after the transaction that stored the change.
+    identity: std::sync::RwLock<Option<String>>,
     /// `POST /v1/ops` exchanges served, and the operations they carried.
     op_sets: AtomicU64,
     ops: AtomicU64,
@@ -73,12 +76,18 @@ impl NodeState {
         let schema = Schema::load(&writer)?;
         let fences = fence::load(&writer)?;
         let capturing = transfer::capture_installed(&writer)?;
+        let identity = std::sync::RwLock::new(crate::identity::load(&writer)?);
         tracing::info!(
             db = %config.db_path.display(),
             tables = schema.tables().count(),
             fences = fences.list.len(),
             synchronous = config.synchronous.pragma_value(),
             capturing,
+            node = identity
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_deref()
+                .unwrap_or("(not claimed yet)"),
             "node database open"
         );
         let shared = Arc::new(Shared::new(fences, capturing));
@@ -92,6 +101,7 @@ impl NodeState {
                 shared,
                 _checkpointer: checkpointer,
                 writer,
+                identity,
                 op_sets: AtomicU64::new(0),
                 ops: AtomicU64::new(0),
             }),
@@ -101,6 +111,52 @@ impl NodeState {
     /// The configuration the node was opened with.
     pub fn config(&self) -> &NodeConfig {
         &self.inner.config
+    }
+
+    /// The node id this file was claimed as, if any (see `identity`).
+    pub fn identity(&self) -> Option<String> {
+        self.inner
+            .identity
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_identity(&self, id: Option<String>) {
+        *self
+            .inner
+            .identity
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = id;
+    }
+
+    /// Claims the file as node `id` unless it is claimed already; the id it holds afterwards.
+    pub(crate) async fn claim_identity(&self, id: String) -> Result<String, NodeError> {
+        if let Some(held) = self.identity() {
+            return Ok(held);
+        }
+        self.write(move |state, conn| {
+            let held = crate::identity::claim(conn, &id)?;
+            if state.identity().is_none() {
+                tracing::info!(node = %held, "node claimed by its proxy");
+            }
+            state.set_identity(Some(held.clone()));
+            Ok(held)
+        })
+        .await
+    }
+
+    /// Forgets the id the file was claimed as (the node left the cluster); the id it had.
+    pub(crate) async fn release_identity(&self) -> Result<Option<String>, NodeError> {
+        self.write(|state, conn| {
+            let held = crate::identity::release(conn)?;
+            state.set_identity(None);
+            if let Some(id) = &held {
+                tracing::info!(node = %id, "node released by its proxy: it may be added again under any id");
+            }
+            Ok(held)
+        })
+        .await
     }
 
     /// The cached schema.

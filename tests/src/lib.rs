@@ -50,6 +50,7 @@ impl Client {
                 connect_timeout: Duration::from_secs(2),
                 request_timeout: Duration::from_secs(60),
                 bearer: token.map(str::to_owned),
+                name_nodes: false,
             }),
             base: base.into(),
         }
@@ -183,12 +184,7 @@ impl TestCluster {
     /// `n` nodes named n1..nN, a proxy seeded with them, the sample migrations applied.
     pub async fn start(n: usize) -> TestCluster {
         let cluster = Self::start_bare(n).await;
-        let set = shardlite::migrate::read_dir(&sample_migrations()).unwrap();
-        let (status, body) = cluster
-            .client
-            .post("/v1/cluster/migrations", json!({ "migrations": set }))
-            .await;
-        assert_eq!(status, StatusCode::OK, "sample migrations: {body}");
+        migrate_sample(&cluster.client).await;
         cluster
     }
 
@@ -210,6 +206,7 @@ impl TestCluster {
             connect_timeout: Duration::from_millis(500),
             request_timeout: Duration::from_secs(10),
             bearer: None,
+            name_nodes: true,
         };
         let proxy = shardlite::ProxyState::open(config).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -439,6 +436,16 @@ pub fn spawn_nodes(dir: &Path, n: usize, extra: &[&str]) -> Vec<Spawned> {
             Spawned::start(&args)
         })
         .collect()
+}
+
+/// Applies the sample migrations (`migrations/`) through the proxy `client` talks to,
+/// asserting that every node took them.
+pub async fn migrate_sample(client: &Client) {
+    let set = shardlite::migrate::read_dir(&sample_migrations()).unwrap();
+    let (status, body) = client
+        .post("/v1/cluster/migrations", json!({ "migrations": set }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "sample migrations: {body}");
 }
 
 /// `GET /v1/cluster/verify`, asserting that every row is on its owner and no key is on two

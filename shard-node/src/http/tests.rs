@@ -1385,3 +1385,126 @@ async fn serve_answers_on_a_socket_and_shuts_down() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+// ---- identity ----
+
+/// One request with `x-shardlite-node` (and, if given, the cluster secret).
+async fn send_as(
+    state: NodeState,
+    method: &str,
+    uri: &str,
+    node: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(crate::identity::NODE_HEADER, node)
+        .header("content-type", "application/json");
+    if let Some(token) = bearer {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
+    let response = router(state)
+        .oneshot(builder.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+/// The first call naming a node claims it; a call naming another is refused (421) before it
+/// writes anything; a call naming none is not checked; the claim survives a restart.
+#[tokio::test]
+async fn a_node_answers_only_to_the_id_it_was_claimed_as() {
+    let node = TestNode::new().await;
+    assert_eq!(node.state.identity(), None);
+    let row = Some(json!({ "name": "A" }));
+    let (status, body) = send_as(
+        node.state.clone(),
+        "PUT",
+        "/v1/tables/users/rows/a",
+        "n1",
+        None,
+        row.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(node.state.identity().as_deref(), Some("n1"));
+
+    let (status, body) = send_as(
+        node.state.clone(),
+        "PUT",
+        "/v1/tables/users/rows/b",
+        "n2",
+        None,
+        row.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{body}");
+    assert!(
+        error_of(&body).contains("this is node n1, not n2"),
+        "{body}"
+    );
+    let (status, _) = node.call("GET", "/v1/tables/users/rows/b", None).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the refused write wrote nothing"
+    );
+    let (status, _) = send_as(node.state.clone(), "GET", "/healthz", "n2", None, None).await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
+
+    // Without the header: not checked (a client or a bench talking to the node itself).
+    let (status, body) = node.call("GET", "/v1/tables/users/rows/a", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let dir = node.dir;
+    drop(node.state);
+    let reopened = NodeState::open(NodeConfig::new(dir.path().join("node.db"))).unwrap();
+    assert_eq!(
+        reopened.identity().as_deref(),
+        Some("n1"),
+        "kept in the file"
+    );
+    let (_, body) = send_as(reopened.clone(), "GET", "/v1/stats", "n1", None, None).await;
+    assert!(body.get("error").is_none(), "{body}");
+
+    // Released (it left the cluster), it can be claimed as another node.
+    let (status, body) =
+        send_as(reopened.clone(), "DELETE", "/v1/identity", "n1", None, None).await;
+    assert_eq!(
+        (status, &body["released"]),
+        (StatusCode::OK, &json!("n1")),
+        "{body}"
+    );
+    assert_eq!(reopened.identity(), None);
+    let (status, body) = send_as(reopened.clone(), "GET", "/v1/stats", "n5", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(reopened.identity().as_deref(), Some("n5"));
+}
+
+/// Only the proxy can claim a node: not through the open health check, and not without the
+/// cluster secret when the node has one.
+#[tokio::test]
+async fn only_an_authorized_call_claims_a_node() {
+    let node = TestNode::empty(|c| c.cluster_secret = Some("s3cret".into()));
+    let (status, _) = send_as(node.state.clone(), "GET", "/healthz", "n9", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send_as(node.state.clone(), "GET", "/v1/stats", "n9", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(node.state.identity(), None, "neither call claimed it");
+    let (status, body) = send_as(
+        node.state.clone(),
+        "GET",
+        "/v1/stats",
+        "n1",
+        Some("s3cret"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(node.state.identity().as_deref(), Some("n1"));
+}

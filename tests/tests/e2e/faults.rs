@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use shardlite::upstream::UpstreamConfig;
-use shardlite_tests::{Client, Spawned, sample_migrations, spawn_nodes};
+use shardlite_tests::{Client, Spawned, migrate_sample, spawn_nodes};
 use std::time::{Duration, Instant};
 
 /// Three node processes and an in-process proxy over them.
@@ -27,6 +27,7 @@ impl ProcessCluster {
             connect_timeout: Duration::from_millis(300),
             request_timeout: Duration::from_secs(5),
             bearer: None,
+            name_nodes: true,
         };
         let state = shardlite::ProxyState::open(config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -35,11 +36,7 @@ impl ProcessCluster {
         tokio::spawn(shardlite::serve(listener, state, async {
             let _ = stopped.await;
         }));
-        let set = shardlite::migrate::read_dir(&sample_migrations()).unwrap();
-        let (status, body) = client
-            .post("/v1/cluster/migrations", json!({ "migrations": set }))
-            .await;
-        assert_eq!(status, 200, "{body}");
+        migrate_sample(&client).await;
         ProcessCluster {
             dir,
             nodes,
@@ -150,4 +147,103 @@ async fn wait_for_down(c: &Client, node: &str, down: bool) -> serde_json::Value 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A proxy process over `nodes` on the state file in `dir` (seeded as n1, n2, ... when new).
+fn proxy_process(dir: &std::path::Path, nodes: &[Spawned]) -> Spawned {
+    let state = dir.join("proxy.db").display().to_string();
+    let mut args = vec!["proxy", "--listen", "127.0.0.1:0", "--state", &state];
+    let seeds: Vec<String> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("n{}={}", i + 1, n.url))
+        .collect();
+    for seed in &seeds {
+        args.extend(["--node", seed]);
+    }
+    Spawned::start(&args)
+}
+
+/// Swaps two members' addresses in a stopped proxy's state file, as a hand edit or a mix-up
+/// of ports after restarting nodes would.
+fn swap_urls(dir: &std::path::Path) {
+    let conn = rusqlite::Connection::open(dir.join("proxy.db")).unwrap();
+    let url = |id: &str| -> String {
+        conn.query_row("SELECT url FROM nodes WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    };
+    let (first, second) = (url("n1"), url("n2"));
+    for (id, url) in [("n1", &second), ("n2", &first)] {
+        conn.execute(
+            "UPDATE nodes SET url = ?2 WHERE id = ?1",
+            [id, url.as_str()],
+        )
+        .unwrap();
+    }
+}
+
+/// Two nodes whose addresses got swapped in the proxy's state: each refuses the calls meant
+/// for the other (it knows which node it is), so their keys get 503 saying what is wrong and
+/// neither file takes the other's rows, a rebalance cannot start a clean-up on the wrong
+/// file, and swapping them back serves everything as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapped_node_addresses_are_refused_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = spawn_nodes(dir.path(), 2, &[]);
+    let mut proxy = proxy_process(dir.path(), &nodes);
+    let client = Client::new(&proxy.url);
+    migrate_sample(&client).await;
+    for i in 0..40 {
+        let (status, body) = client
+            .put(
+                &format!("/v1/tables/users/rows/u{i}"),
+                json!({ "name": "before" }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let files = |dir: &std::path::Path| -> Vec<Vec<String>> {
+        (1..=2)
+            .map(|i| shardlite_tests::keys_in_file(&dir.join(format!("n{i}.db")), "users"))
+            .collect()
+    };
+    let before = files(dir.path());
+    assert!(before.iter().all(|keys| !keys.is_empty()), "{before:?}");
+
+    proxy.kill();
+    swap_urls(dir.path());
+    let mut proxy = proxy_process(dir.path(), &nodes);
+    let client = Client::new(&proxy.url);
+    for i in 0..40 {
+        let (status, body) = client
+            .put(
+                &format!("/v1/tables/users/rows/u{i}"),
+                json!({ "name": "after" }),
+            )
+            .await;
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("this is node n"),
+            "{body}"
+        );
+        let (status, body) = client.get(&format!("/v1/tables/users/rows/u{i}")).await;
+        assert_eq!(status, 503, "{body}");
+    }
+    let (status, body) = client.get("/v1/cluster/verify").await;
+    assert!(status.is_server_error(), "{status} {body}");
+    assert_eq!(files(dir.path()), before, "no file took the other's rows");
+
+    proxy.kill();
+    swap_urls(dir.path());
+    let proxy = proxy_process(dir.path(), &nodes);
+    let client = Client::new(&proxy.url);
+    for i in 0..40 {
+        let (status, row) = client.get(&format!("/v1/tables/users/rows/u{i}")).await;
+        assert_eq!(
+            (status.as_u16(), &row["name"]),
+            (200, &json!("before")),
+            "{row}"
+        );
+    }
+    shardlite_tests::assert_verified(&client).await;
 }

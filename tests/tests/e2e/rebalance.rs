@@ -293,6 +293,13 @@ async fn removing_a_node_while_writing_drains_it() {
         .map(|(k, v)| (k.clone(), v["rows"].as_u64().unwrap()))
         .collect();
     assert!(!per_node.contains_key("n2"), "{per_node:?}");
+
+    // Drained and gone, the node was told to forget it was n2: it can join under another id.
+    let url = cluster.node("n2").url.clone();
+    let (status, body) = client
+        .post("/v1/cluster/nodes", json!({ "id": "n5", "url": url }))
+        .await;
+    assert_eq!(status, 201, "{body}");
     cluster.stop().await;
 }
 

@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 use shardlite_tests::history::{self, WriterLog};
 use shardlite_tests::{
-    Client, Spawned, assert_verified, preload_users, sample_migrations, shardlite_bin,
+    Client, Spawned, assert_verified, migrate_sample, preload_users, shardlite_bin,
     transfer_leftovers, wait_for_rebalance,
 };
 use std::sync::Arc;
@@ -62,11 +62,7 @@ impl Cluster {
         first.extend(["--listen".into(), "127.0.0.1:0".into()]);
         let proxy = start(&first);
         let client = Client::new(&proxy.url);
-        let set = shardlite::migrate::read_dir(&sample_migrations()).unwrap();
-        let (status, body) = client
-            .post("/v1/cluster/migrations", json!({ "migrations": set }))
-            .await;
-        assert_eq!(status, 200, "{body}");
+        migrate_sample(&client).await;
         preload_users(&client, "still", ROWS).await;
         Cluster {
             dir,

@@ -3,7 +3,7 @@
 
 use http::StatusCode;
 use serde_json::{Value, json};
-use shardlite_tests::{Client, Spawned, sample_migrations};
+use shardlite_tests::{Client, Spawned, migrate_sample, sample_migrations};
 use std::path::Path;
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
@@ -111,11 +111,7 @@ async fn sigterm_lets_the_proxy_finish_a_request_in_flight_then_exit() {
         &format!("n1={}", node.url),
     ]);
     let client = Client::new(&proxy.url);
-    let set = shardlite::migrate::read_dir(&sample_migrations()).unwrap();
-    let (status, body) = client
-        .post("/v1/cluster/migrations", json!({ "migrations": set }))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    migrate_sample(&client).await;
     let n = calibrate(async |sql| {
         client
             .post("/v1/sql", json!({ "key": "slow", "sql": sql }))
