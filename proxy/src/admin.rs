@@ -24,7 +24,10 @@ pub fn router() -> Router<ProxyState> {
         .route("/v1/cluster/status", get(status))
         .route("/v1/cluster/verify", get(verify))
         .route("/v1/cluster/nodes", get(list_nodes).post(add_node))
-        .route("/v1/cluster/nodes/{id}", delete(remove_node))
+        .route(
+            "/v1/cluster/nodes/{id}",
+            delete(remove_node).patch(set_node_url),
+        )
         .route(
             "/v1/cluster/rebalance",
             get(rebalance_status)
@@ -425,6 +428,92 @@ async fn remove_node(
         Json(json!({ "id": id, "state": new_state })),
     )
         .into_response())
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct SetUrlRequest {
+    url: String,
+    #[serde(default)]
+    force: bool,
+}
+
+/// What a node says it is (`GET /v1/identity` on the node).
+#[derive(Deserialize)]
+struct NodeIdentity {
+    node: Option<String>,
+}
+
+/// `PATCH /v1/cluster/nodes/{id}` `{"url", "force"?}`: the node now listens elsewhere. Only the
+/// address changes (ownership, state and the epoch stay), and only to a node that says it is
+/// `id`, or, with `force`, one never claimed as any node; a node that is another member
+/// answers 421, which fails the call as a 503 naming it. Not while a job runs.
+async fn set_node_url(
+    State(state): State<ProxyState>,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(request): JsonBody<SetUrlRequest>,
+) -> ProxyResult<Response> {
+    let Path(id) = path?;
+    let url = cluster::normalize_url(&request.url)?;
+    let _job = state.jobs().begin(format!("moving node {id}"))?;
+    let topology = state.cluster().topology();
+    let node = topology
+        .node(&id)
+        .ok_or_else(|| ProxyError::NotFound(format!("no node {id}")))?
+        .clone();
+    // Another member recorded at this address is only wrong if the node there says it is
+    // `id` (addresses swapped: set each right in turn); a never-claimed node there is that
+    // member's, as far as anyone knows.
+    let other = topology.nodes.iter().find(|n| n.url == url && n.id != id);
+    if node.url != url {
+        let there: NodeIdentity = state
+            .upstream()
+            .call(&id, Method::GET, &url, "/v1/identity", None)
+            .await?
+            .json(&id)?;
+        match there.node {
+            Some(claimed) if claimed == id => {
+                if let Some(other) = other {
+                    tracing::warn!(node = %other.id, url = %url, "another node is recorded at the address that node {id} answers on; set its own address next");
+                }
+            }
+            None if other.is_some() => {
+                return Err(ProxyError::Conflict(format!(
+                    "{url} is node {}'s address, and the node there has never been claimed",
+                    other.map_or("?", |o| o.id.as_str())
+                )));
+            }
+            None if request.force => {}
+            None => {
+                return Err(ProxyError::Conflict(format!(
+                    "the node at {url} has never served as {id}, nor as any node: a fresh file \
+                     would own none of {id}'s rows. If it is {id}'s file from before shardlite \
+                     knew node ids, pass \"force\": true (`shardlite nodes set-url --force`)"
+                )));
+            }
+            Some(claimed) => {
+                // A node answers 421 to a call meant for another; this only guards the logic.
+                return Err(ProxyError::Conflict(format!(
+                    "the node at {url} is {claimed}, not {id}"
+                )));
+            }
+        }
+        state.cluster().update(|tx| {
+            tx.execute(
+                "UPDATE nodes SET url = ?2 WHERE id = ?1",
+                rusqlite::params![id, url],
+            )?;
+            Ok(())
+        })?;
+        tracing::info!(node = %id, from = %node.url, to = %url, "node address changed");
+    }
+    Ok(Json(json!({
+        "id": id,
+        "url": url,
+        "state": node.state,
+        "weight": node.weight,
+    }))
+    .into_response())
 }
 
 /// `?dry_run=true`, or the same in a JSON body (`{"dry_run": true}`).

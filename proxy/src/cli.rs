@@ -230,6 +230,19 @@ pub enum NodesCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Record a node's new address (it was restarted elsewhere with its file): nothing moves,
+    /// and the node there must be the one that served as ID.
+    SetUrl {
+        id: String,
+        /// Where it listens now, e.g. http://10.0.0.7:7001.
+        url: String,
+        /// Accept a node that has never been claimed as any node (a file from before
+        /// shardlite knew node ids). It becomes ID at its next call.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -695,6 +708,33 @@ async fn nodes(command: NodesCommand, out: &mut dyn Write) -> anyhow::Result<Exi
                 writeln!(
                     out,
                     "node {id} is leaving; `shardlite rebalance` moves its rows away, then it leaves"
+                )?;
+            }
+        }
+        NodesCommand::SetUrl {
+            id,
+            url,
+            force,
+            admin,
+        } => {
+            let client = AdminClient::new(&admin)?;
+            let moved: serde_json::Value = client
+                .json(
+                    Method::PATCH,
+                    &format!("/v1/cluster/nodes/{id}"),
+                    Some(serde_json::to_vec(
+                        &serde_json::json!({ "url": url, "force": force }),
+                    )?),
+                )
+                .await
+                .with_context(|| format!("cannot set node {id}'s address"))?;
+            if admin.json {
+                print_json(out, &moved)?;
+            } else {
+                writeln!(
+                    out,
+                    "node {id} is now at {}; it owns what it owned",
+                    moved["url"].as_str().unwrap_or(&url)
                 )?;
             }
         }

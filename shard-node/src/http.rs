@@ -75,13 +75,13 @@ pub fn router(state: NodeState) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(secret, require_secret));
     // Open to all, so it never claims; a proxy's health check still learns of a mix-up.
-    let health =
-        Router::new()
-            .route("/healthz", get(healthz))
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                |state, request, next| check_node(state, request, next, false),
-            ));
+    let health = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/identity", get(identity))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            |state, request, next| check_node(state, request, next, false),
+        ));
     Router::new()
         .merge(health)
         .merge(api)
@@ -146,6 +146,12 @@ async fn check_node(
         return NodeError::WrongNode { this, asked }.into_response();
     }
     next.run(request).await
+}
+
+/// `GET /v1/identity`: which node this is (`null` if never claimed). It never claims: the
+/// proxy asks it before it trusts a new address for a node.
+async fn identity(State(state): State<NodeState>) -> Json<Value> {
+    Json(serde_json::json!({ "node": state.identity() }))
 }
 
 /// `DELETE /v1/identity`: the node left the cluster; it forgets which member it was.

@@ -1493,6 +1493,12 @@ async fn only_an_authorized_call_claims_a_node() {
     let node = TestNode::empty(|c| c.cluster_secret = Some("s3cret".into()));
     let (status, _) = send_as(node.state.clone(), "GET", "/healthz", "n9", None, None).await;
     assert_eq!(status, StatusCode::OK);
+    let (status, body) = send_as(node.state.clone(), "GET", "/v1/identity", "n9", None, None).await;
+    assert_eq!(
+        (status, &body["node"]),
+        (StatusCode::OK, &Value::Null),
+        "{body}"
+    );
     let (status, _) = send_as(node.state.clone(), "GET", "/v1/stats", "n9", None, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(node.state.identity(), None, "neither call claimed it");
@@ -1507,4 +1513,8 @@ async fn only_an_authorized_call_claims_a_node() {
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(node.state.identity().as_deref(), Some("n1"));
+    let (_, body) = send_as(node.state.clone(), "GET", "/v1/identity", "n1", None, None).await;
+    assert_eq!(body["node"], "n1", "{body}");
+    let (status, _) = send_as(node.state.clone(), "GET", "/v1/identity", "n2", None, None).await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
 }
