@@ -212,7 +212,7 @@ async fn swapped_node_addresses_are_refused_not_served() {
 
     proxy.kill();
     swap_urls(dir.path());
-    let mut proxy = proxy_process(dir.path(), &nodes);
+    let proxy = proxy_process(dir.path(), &nodes);
     let client = Client::new(&proxy.url);
     for i in 0..40 {
         let (status, body) = client
