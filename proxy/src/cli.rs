@@ -571,8 +571,13 @@ async fn verify(args: AdminArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
         write!(out, "{}", table(&rows))?;
         writeln!(
             out,
-            "{} rows, {} misplaced, {} duplicated keys: {}",
+            "{} {}, {} misplaced, {} duplicated keys: {}",
             report.rows_total,
+            if report.rows_total == 1 {
+                "row"
+            } else {
+                "rows"
+            },
             report.misplaced,
             report.duplicates,
             if ok {

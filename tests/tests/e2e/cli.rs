@@ -82,6 +82,19 @@ fn status_verify_and_migrate_work_against_a_proxy_process() {
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["misplaced"], 0);
 
+    // One row: said in the singular.
+    let client = Client::new(url);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (status, body) =
+        runtime.block_on(client.put("/v1/tables/users/rows/u1", serde_json::json!({})));
+    assert_eq!(status, 200, "{body}");
+    let (code, out, err) = shardlite(&["verify", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("1 row, 0 misplaced, 0 duplicated keys: every row lives on exactly its owner"),
+        "{out}"
+    );
+
     // A proxy that is not there: one line that says what to do, and a non-zero exit.
     let (code, out, err) = shardlite(&["status", "--proxy", "http://127.0.0.1:1"]);
     assert_ne!(code, 0, "{out}");
