@@ -438,6 +438,19 @@ pub fn spawn_nodes(dir: &Path, n: usize, extra: &[&str]) -> Vec<Spawned> {
         .collect()
 }
 
+/// A member's state in the proxy's topology (`active`, `joining`, `leaving`), or `None` if
+/// the topology does not hold it.
+pub async fn member_state(client: &Client, id: &str) -> Option<String> {
+    let (status, topology) = client.get("/v1/cluster").await;
+    assert_eq!(status, StatusCode::OK, "{topology}");
+    topology["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .map(|n| n["state"].as_str().unwrap().to_owned())
+}
+
 /// Applies the sample migrations (`migrations/`) through the proxy `client` talks to,
 /// asserting that every node took them.
 pub async fn migrate_sample(client: &Client) {
