@@ -378,7 +378,7 @@ fn dev_serves_a_migrated_cluster_and_keeps_its_data() {
     let listen = format!("127.0.0.1:{port}");
     let mut moved_args = args;
     moved_args[7] = &listen;
-    let (_dev, printed) = start_dev(&moved_args);
+    let (dev, printed) = start_dev(&moved_args);
     assert!(
         printed.contains(&format!("-> http://127.0.0.1:{}", port + 1)),
         "{printed}"
@@ -390,6 +390,22 @@ fn dev_serves_a_migrated_cluster_and_keeps_its_data() {
         (200, &Value::from("Alice")),
         "{row}"
     );
+    drop(dev);
+
+    // With fewer --nodes than the cluster has, the banner says which member it did not start.
+    let mut fewer = moved_args;
+    fewer[1] = "1";
+    let (_dev, printed) = start_dev(&fewer);
+    let n2 = printed
+        .lines()
+        .find(|l| l.starts_with("node   n2"))
+        .unwrap_or_else(|| panic!("{printed}"));
+    assert!(n2.contains("not started by dev"), "{printed}");
+    let n1 = printed
+        .lines()
+        .find(|l| l.starts_with("node   n1"))
+        .unwrap();
+    assert!(!n1.contains("not started"), "{printed}");
 }
 
 /// `shardlite dev` where there is no migrations directory: the cluster has no tables, so the
