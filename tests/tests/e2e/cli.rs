@@ -277,8 +277,25 @@ impl Drop for Dev {
     }
 }
 
-/// `shardlite dev` until it has printed its "Ctrl-C" line; the lines it printed.
-fn start_dev(args: &[&str]) -> (Dev, String) {
+/// `shardlite dev --nodes N --data DIR --migrations DIR --listen ADDR` until it has printed
+/// its "Ctrl-C" line; the lines it printed.
+fn start_dev(
+    nodes: u16,
+    data: &std::path::Path,
+    migrations: &std::path::Path,
+    listen: &str,
+) -> (Dev, String) {
+    let nodes = nodes.to_string();
+    let args = [
+        "--nodes",
+        &nodes,
+        "--data",
+        data.to_str().unwrap(),
+        "--migrations",
+        migrations.to_str().unwrap(),
+        "--listen",
+        listen,
+    ];
     use std::io::BufRead;
     let mut child = Command::new(shardlite_bin())
         .arg("dev")
@@ -302,6 +319,16 @@ fn start_dev(args: &[&str]) -> (Dev, String) {
     (Dev(child), printed)
 }
 
+/// Asserts that the cluster behind `client` serves the row `users/alice` as written.
+fn has_alice(runtime: &tokio::runtime::Runtime, client: &Client) {
+    let (status, row) = runtime.block_on(client.get(&Client::row_path("users", "alice")));
+    assert_eq!(
+        (status.as_u16(), &row["name"]),
+        (200, &Value::from("Alice")),
+        "{row}"
+    );
+}
+
 /// `shardlite dev`: a whole cluster in one process with the migrations applied, its URLs and
 /// curl lines printed, and the data kept across a restart.
 #[test]
@@ -311,20 +338,10 @@ fn dev_serves_a_migrated_cluster_and_keeps_its_data() {
     let listen = format!("127.0.0.1:{port}");
     let data = dir.path().join("data");
     let migrations = sample_migrations();
-    let args = [
-        "--nodes",
-        "2",
-        "--data",
-        data.to_str().unwrap(),
-        "--migrations",
-        migrations.to_str().unwrap(),
-        "--listen",
-        &listen,
-    ];
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let client = Client::new(format!("http://{listen}"));
 
-    let (dev, printed) = start_dev(&args);
+    let (dev, printed) = start_dev(2, &data, &migrations, &listen);
     assert!(printed.contains("every node at version 2"), "{printed}");
     assert!(
         printed.contains(&format!("proxy  http://{listen}")),
@@ -363,39 +380,25 @@ fn dev_serves_a_migrated_cluster_and_keeps_its_data() {
     drop(dev);
 
     // Again on the same data: the row and the schema are still there.
-    let (dev, printed) = start_dev(&args);
+    let (dev, printed) = start_dev(2, &data, &migrations, &listen);
     assert!(printed.contains("every node at version 2"), "{printed}");
-    let (status, row) = runtime.block_on(client.get(&Client::row_path("users", "alice")));
-    assert_eq!(
-        (status.as_u16(), &row["name"]),
-        (200, &Value::from("Alice")),
-        "{row}"
-    );
+    has_alice(&runtime, &client);
     drop(dev);
 
     // And on other ports: the state file knew the nodes at the old ones; they moved with it.
     let port = free_port_run(2);
     let listen = format!("127.0.0.1:{port}");
-    let mut moved_args = args;
-    moved_args[7] = &listen;
-    let (dev, printed) = start_dev(&moved_args);
+    let (dev, printed) = start_dev(2, &data, &migrations, &listen);
     assert!(
         printed.contains(&format!("-> http://127.0.0.1:{}", port + 1)),
         "{printed}"
     );
     let client = Client::new(format!("http://{listen}"));
-    let (status, row) = runtime.block_on(client.get(&Client::row_path("users", "alice")));
-    assert_eq!(
-        (status.as_u16(), &row["name"]),
-        (200, &Value::from("Alice")),
-        "{row}"
-    );
+    has_alice(&runtime, &client);
     drop(dev);
 
     // With fewer --nodes than the cluster has, the banner says which member it did not start.
-    let mut fewer = moved_args;
-    fewer[1] = "1";
-    let (_dev, printed) = start_dev(&fewer);
+    let (_dev, printed) = start_dev(1, &data, &migrations, &listen);
     let n2 = printed
         .lines()
         .find(|l| l.starts_with("node   n2"))
@@ -417,17 +420,7 @@ fn dev_without_a_schema_prints_how_to_make_one_and_that_works() {
     let listen = format!("127.0.0.1:{port}");
     let data = dir.path().join("data");
     let missing = dir.path().join("migrations");
-    let args = [
-        "--nodes",
-        "1",
-        "--data",
-        data.to_str().unwrap(),
-        "--migrations",
-        missing.to_str().unwrap(),
-        "--listen",
-        &listen,
-    ];
-    let (_dev, printed) = start_dev(&args);
+    let (_dev, printed) = start_dev(1, &data, &missing, &listen);
     assert!(
         printed.contains("no migrations applied at start"),
         "{printed}"
