@@ -56,6 +56,7 @@ impl Db {
             }
             migrate::create_ledger(&conn).map_err(open_error)?;
             fence::create_table(&conn).map_err(open_error)?;
+            crate::identity::create_table(&conn).map_err(open_error)?;
         }
         let settings = Settings {
             synchronous: config.synchronous,

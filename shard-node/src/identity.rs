@@ -25,48 +25,35 @@ const DDL: &str = "CREATE TABLE IF NOT EXISTS _shardlite_identity (
     node TEXT NOT NULL
 )";
 
+/// Creates the table (empty: never claimed) when the node opens its file, beside the
+/// migration ledger and the fences.
+pub(crate) fn create_table(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(DDL)
+}
+
 /// The id stored in the file, if the node was ever claimed.
 pub(crate) fn load(conn: &Connection) -> rusqlite::Result<Option<String>> {
-    let exists: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = '_shardlite_identity')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !exists {
-        return Ok(None);
-    }
     conn.query_row("SELECT node FROM _shardlite_identity", [], |r| r.get(0))
         .optional()
 }
 
-/// Stores `id` unless the file already holds one, in one transaction on the writer's
-/// connection; returns the id the file holds afterwards (the first claim wins).
+/// Stores `id` unless the file already holds one; returns the id the file holds afterwards:
+/// the first claim wins. Run on the writer's connection, the only one that writes, so the
+/// read sees what the insert left.
 pub(crate) fn claim(conn: &Connection, id: &str) -> rusqlite::Result<String> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let claimed = (|| {
-        conn.execute_batch(DDL)?;
-        conn.execute(
-            "INSERT OR IGNORE INTO _shardlite_identity (only, node) VALUES (1, ?1)",
-            [id],
-        )?;
-        let held: String =
-            conn.query_row("SELECT node FROM _shardlite_identity", [], |r| r.get(0))?;
-        conn.execute_batch("COMMIT")?;
-        Ok(held)
-    })();
-    if claimed.is_err() {
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-    claimed
+    conn.execute(
+        "INSERT OR IGNORE INTO _shardlite_identity (only, node) VALUES (1, ?1)",
+        [id],
+    )?;
+    conn.query_row("SELECT node FROM _shardlite_identity", [], |r| r.get(0))
 }
 
 /// Forgets the stored id, if any; returns it.
 pub(crate) fn release(conn: &Connection) -> rusqlite::Result<Option<String>> {
-    let held = load(conn)?;
-    if held.is_some() {
-        conn.execute("DELETE FROM _shardlite_identity", [])?;
-    }
-    Ok(held)
+    conn.query_row("DELETE FROM _shardlite_identity RETURNING node", [], |r| {
+        r.get(0)
+    })
+    .optional()
 }
 
 #[cfg(test)]
@@ -78,6 +65,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.db");
         let conn = Connection::open(&path).unwrap();
+        create_table(&conn).unwrap();
         assert_eq!(load(&conn).unwrap(), None);
         assert_eq!(claim(&conn, "n1").unwrap(), "n1");
         assert_eq!(

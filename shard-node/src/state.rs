@@ -122,6 +122,16 @@ impl NodeState {
             .clone()
     }
 
+    /// Whether this file was claimed as `id` (`None`: never claimed), read without copying.
+    pub(crate) fn claimed_as(&self, id: &str) -> Option<bool> {
+        self.inner
+            .identity
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_deref()
+            .map(|held| held == id)
+    }
+
     fn set_identity(&self, id: Option<String>) {
         *self
             .inner
