@@ -498,13 +498,7 @@ async fn set_node_url(
                 )));
             }
         }
-        state.cluster().update(|tx| {
-            tx.execute(
-                "UPDATE nodes SET url = ?2 WHERE id = ?1",
-                rusqlite::params![id, url],
-            )?;
-            Ok(())
-        })?;
+        state.cluster().set_urls(&[(&id, &url)])?;
         tracing::info!(node = %id, from = %node.url, to = %url, "node address changed");
     }
     Ok(Json(json!({

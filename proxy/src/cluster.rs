@@ -202,6 +202,17 @@ impl Cluster {
         seeds_not_in(seeds, &self.topology())
     }
 
+    /// Records new addresses for members (`(id, url)`, URLs normalized), in one transaction.
+    /// Only where to call a node changes: not what it owns, nor the epoch.
+    pub fn set_urls(&self, urls: &[(&str, &str)]) -> ProxyResult<()> {
+        self.update(|tx| {
+            for (id, url) in urls {
+                tx.execute("UPDATE nodes SET url = ?2 WHERE id = ?1", params![id, url])?;
+            }
+            Ok(())
+        })
+    }
+
     /// For `shardlite dev`, which starts node `n1` on `n1.db` at a port derived from its own:
     /// a seed whose id the state file holds at another URL is the same node moved, so its URL
     /// becomes the seed's. Ownership does not change, so neither does the epoch. Returns what
@@ -215,15 +226,13 @@ impl Cluster {
                 moved.push((id.clone(), node.url.clone(), url));
             }
         }
-        if moved.is_empty() {
-            return Ok(Vec::new());
+        if !moved.is_empty() {
+            let urls: Vec<(&str, &str)> = moved
+                .iter()
+                .map(|(id, _, url)| (id.as_str(), url.as_str()))
+                .collect();
+            self.set_urls(&urls)?;
         }
-        self.update(|tx| {
-            for (id, _, url) in &moved {
-                tx.execute("UPDATE nodes SET url = ?2 WHERE id = ?1", params![id, url])?;
-            }
-            Ok(())
-        })?;
         Ok(moved
             .into_iter()
             .map(|(id, old, new)| format!("{id}: {old} -> {new}"))
