@@ -443,10 +443,6 @@ pub fn resume(state: &ProxyState) -> ProxyResult<()> {
     state.publish_rebalance(RebalanceStatus::of(&job));
     if job.state == JobState::Running {
         let guard = state.jobs().begin(format!("rebalance {}", job.id))?;
-        if cancel_recorded(state, &job.id)? {
-            // Asked and answered before the crash: the job stops as it would have.
-            state.set_rebalance_cancel(Some(job.id.clone()));
-        }
         tracing::info!(job = %job.id, phase = ?job.phase, "resuming the rebalance");
         spawn(state.clone(), job, guard);
     }
@@ -482,10 +478,11 @@ fn spawn(state: ProxyState, job: Job, guard: JobGuard) {
 /// The `meta` key of the state file that names the job a user asked to stop.
 const CANCEL_KEY: &str = "rebalance_cancel";
 
-/// Asks job `id` to stop at its next step (see `DELETE /v1/cluster/rebalance`). The ask is in
-/// the state file before this returns, so a proxy that crashes before the job reads it stops
-/// the job when it resumes it: an answered cancel is never lost. Whether the job still stops
-/// depends only on whether it has switched by then.
+/// Asks job `id` to stop at its next step (see `DELETE /v1/cluster/rebalance`). The ask lives
+/// only in the state file, where the job reads it between its steps, so a proxy that crashes
+/// before the job read it stops the job when it resumes it: an answered cancel is never lost.
+/// It names its job, so one that arrives as a job ends never stops the next. Whether the job
+/// still stops depends only on whether it has switched by then.
 pub fn ask_cancel(state: &ProxyState, id: &str) -> ProxyResult<()> {
     state.cluster().write(|tx| {
         tx.execute(
@@ -494,9 +491,7 @@ pub fn ask_cancel(state: &ProxyState, id: &str) -> ProxyResult<()> {
             params![CANCEL_KEY, id],
         )?;
         Ok(())
-    })?;
-    state.set_rebalance_cancel(Some(id.to_owned()));
-    Ok(())
+    })
 }
 
 /// Whether the state file holds a cancel asked of job `id`.
@@ -517,7 +512,6 @@ fn cancel_recorded(state: &ProxyState, id: &str) -> ProxyResult<bool> {
 /// the state file cannot drop it, it stays there naming this job only, which no other job
 /// reads as its own.
 fn forget_cancel(state: &ProxyState, id: &str) {
-    state.set_rebalance_cancel(None);
     let forgotten = state.cluster().write(|tx| {
         tx.execute(
             "DELETE FROM meta WHERE key = ?1 AND value = ?2",
@@ -590,7 +584,8 @@ async fn run(state: &ProxyState, mut job: Job) {
     let started = Instant::now();
     let mut failures = 0u32;
     loop {
-        if state.rebalance_cancel_asked(&job.id) {
+        // A state file that cannot be read fails the step below as well; it is not a cancel.
+        if cancel_recorded(state, &job.id).unwrap_or(false) {
             if job.phase == Phase::Committed {
                 // Past the switch the targets own the rows: the job finishes its clean-up.
                 forget_cancel(state, &job.id);
@@ -1653,28 +1648,24 @@ mod tests {
         assert_eq!(job.sources[0].url, "http://127.0.0.1:9");
     }
 
-    /// A cancel names its job, in memory and in the state file: it survives reopening the
-    /// file, another job never reads it as its own, and forgetting it drops both.
+    /// A cancel names its job in the state file: it survives reopening the file, another job
+    /// never reads it as its own, and forgetting it drops it.
     #[test]
     fn a_cancel_is_kept_for_its_job_only() {
         let dir = tempfile::tempdir().unwrap();
         let state = test_state(&dir);
         ask_cancel(&state, "job-1").unwrap();
-        assert!(state.rebalance_cancel_asked("job-1"));
-        assert!(!state.rebalance_cancel_asked("job-2"));
         drop(state);
 
         let reopened = test_state(&dir);
-        assert!(
-            !reopened.rebalance_cancel_asked("job-1"),
-            "memory starts empty"
-        );
         assert!(cancel_recorded(&reopened, "job-1").unwrap());
         assert!(!cancel_recorded(&reopened, "job-2").unwrap());
-
-        reopened.set_rebalance_cancel(Some("job-1".into()));
+        forget_cancel(&reopened, "job-2");
+        assert!(
+            cancel_recorded(&reopened, "job-1").unwrap(),
+            "not another job's to drop"
+        );
         forget_cancel(&reopened, "job-1");
-        assert!(!reopened.rebalance_cancel_asked("job-1"));
         assert!(!cancel_recorded(&reopened, "job-1").unwrap());
     }
 

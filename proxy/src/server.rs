@@ -94,9 +94,6 @@ pub(crate) struct Inner {
     jobs: JobSlot,
     /// The rebalance job as last recorded; read by status endpoints without touching the file.
     rebalance: ArcSwap<RebalanceStatus>,
-    /// The job `DELETE /v1/cluster/rebalance` asked to stop; the job reads it between its
-    /// steps. Kept in the state file too (`rebalance::ask_cancel`), so a restart keeps it.
-    rebalance_cancel: std::sync::Mutex<Option<String>>,
     health: Health,
 }
 
@@ -124,7 +121,6 @@ impl ProxyState {
             schema: SchemaCache::default(),
             jobs: JobSlot::default(),
             rebalance: ArcSwap::from_pointee(RebalanceStatus::idle()),
-            rebalance_cancel: std::sync::Mutex::new(None),
             health: Health::default(),
         })))
     }
@@ -179,27 +175,6 @@ impl ProxyState {
 
     pub fn publish_rebalance(&self, status: RebalanceStatus) {
         self.0.rebalance.store(Arc::new(status));
-    }
-
-    /// Sets (or, with `None`, forgets) the job asked to stop at its next step; only
-    /// `rebalance` calls it, after the state file holds the same.
-    pub(crate) fn set_rebalance_cancel(&self, job: Option<String>) {
-        *self
-            .0
-            .rebalance_cancel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = job;
-    }
-
-    /// Whether job `id` was asked to stop. The flag names its job, so a cancel that arrives
-    /// as one job ends never stops the next one.
-    pub(crate) fn rebalance_cancel_asked(&self, id: &str) -> bool {
-        self.0
-            .rebalance_cancel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_deref()
-            == Some(id)
     }
 }
 
