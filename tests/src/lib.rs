@@ -461,6 +461,22 @@ pub async fn migrate_sample(client: &Client) {
     assert_eq!(status, StatusCode::OK, "sample migrations: {body}");
 }
 
+/// A `shardlite proxy` process on `dir/proxy.db`, listening on a free port, over `nodes`
+/// named n1, n2, ... in order (seeds only count while the state file is new).
+pub fn spawn_proxy(dir: &Path, nodes: &[Spawned]) -> Spawned {
+    let state = dir.join("proxy.db").display().to_string();
+    let seeds: Vec<String> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("n{}={}", i + 1, n.url))
+        .collect();
+    let mut args = vec!["proxy", "--listen", "127.0.0.1:0", "--state", &state];
+    for seed in &seeds {
+        args.extend(["--node", seed]);
+    }
+    Spawned::start(&args)
+}
+
 /// `GET /v1/cluster/verify`, asserting that every row is on its owner and no key is on two
 /// nodes; the report, for more checks.
 pub async fn assert_verified(client: &Client) -> Value {

@@ -30,7 +30,21 @@ pub(crate) async fn send(
     uri: &str,
     body: Option<String>,
 ) -> (StatusCode, axum::http::HeaderMap, Value) {
-    let builder = Request::builder().method(method).uri(uri);
+    send_with(state, method, uri, &[], body).await
+}
+
+/// [`send`] with extra request headers.
+async fn send_with(
+    state: NodeState,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let mut builder = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
     let request = match body {
         Some(body) => builder
             .header("content-type", "application/json")
@@ -1397,22 +1411,12 @@ async fn send_as(
     bearer: Option<&str>,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header(crate::identity::NODE_HEADER, node)
-        .header("content-type", "application/json");
-    if let Some(token) = bearer {
-        builder = builder.header("authorization", format!("Bearer {token}"));
-    }
-    let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
-    let response = router(state)
-        .oneshot(builder.body(body).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap())
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    let mut headers = vec![(crate::identity::NODE_HEADER, node)];
+    headers.extend(authorization.as_deref().map(|a| ("authorization", a)));
+    let (status, _, body) =
+        send_with(state, method, uri, &headers, body.map(|b| b.to_string())).await;
+    (status, body)
 }
 
 /// The first call naming a node claims it; a call naming another is refused (421) before it

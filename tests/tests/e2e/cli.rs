@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 use shardlite_tests::{
-    Client, Spawned, preload_users, sample_migrations, shardlite_bin, spawn_nodes,
+    Client, Spawned, preload_users, sample_migrations, shardlite_bin, spawn_nodes, spawn_proxy,
 };
 use std::process::Command;
 
@@ -17,23 +17,6 @@ fn shardlite(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// A proxy process over `nodes`, named n1, n2, ... in order.
-fn spawn_proxy(dir: &std::path::Path, nodes: &[Spawned]) -> Spawned {
-    let state = dir.join("proxy.db");
-    let mut args = vec![
-        "proxy".to_owned(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--state".into(),
-        state.display().to_string(),
-    ];
-    for (i, n) in nodes.iter().enumerate() {
-        args.push("--node".into());
-        args.push(format!("n{}={}", i + 1, n.url));
-    }
-    Spawned::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Runs the command, asserts exit 0, and reads its `--json` output.

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use shardlite::upstream::UpstreamConfig;
-use shardlite_tests::{Client, Spawned, migrate_sample, spawn_nodes};
+use shardlite_tests::{Client, Spawned, migrate_sample, spawn_nodes, spawn_proxy};
 use std::time::{Duration, Instant};
 
 /// Three node processes and an in-process proxy over them.
@@ -149,21 +149,6 @@ async fn wait_for_down(c: &Client, node: &str, down: bool) -> serde_json::Value 
     }
 }
 
-/// A proxy process over `nodes` on the state file in `dir` (seeded as n1, n2, ... when new).
-fn proxy_process(dir: &std::path::Path, nodes: &[Spawned]) -> Spawned {
-    let state = dir.join("proxy.db").display().to_string();
-    let mut args = vec!["proxy", "--listen", "127.0.0.1:0", "--state", &state];
-    let seeds: Vec<String> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| format!("n{}={}", i + 1, n.url))
-        .collect();
-    for seed in &seeds {
-        args.extend(["--node", seed]);
-    }
-    Spawned::start(&args)
-}
-
 /// Swaps two members' addresses in a stopped proxy's state file, as a hand edit or a mix-up
 /// of ports after restarting nodes would.
 fn swap_urls(dir: &std::path::Path) {
@@ -190,7 +175,7 @@ fn swap_urls(dir: &std::path::Path) {
 async fn swapped_node_addresses_are_refused_not_served() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = spawn_nodes(dir.path(), 2, &[]);
-    let mut proxy = proxy_process(dir.path(), &nodes);
+    let mut proxy = spawn_proxy(dir.path(), &nodes);
     let client = Client::new(&proxy.url);
     migrate_sample(&client).await;
     for i in 0..40 {
@@ -212,7 +197,7 @@ async fn swapped_node_addresses_are_refused_not_served() {
 
     proxy.kill();
     swap_urls(dir.path());
-    let proxy = proxy_process(dir.path(), &nodes);
+    let proxy = spawn_proxy(dir.path(), &nodes);
     let client = Client::new(&proxy.url);
     for i in 0..40 {
         let (status, body) = client
