@@ -260,4 +260,32 @@ async fn swapped_node_addresses_are_refused_not_served() {
         );
     }
     shardlite_tests::assert_verified(&client).await;
+
+    // Forced, an address may go to a node never claimed (a file from before node ids); the
+    // node there is then n2, which `--json` shows as the endpoint's answer.
+    let forced = std::process::Command::new(shardlite_tests::shardlite_bin())
+        .args(["nodes", "set-url", "n2", &fresh[0].url, "--force", "--json"])
+        .args(["--proxy", &proxy.url])
+        .output()
+        .unwrap();
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&forced.stdout).unwrap();
+    assert_eq!(
+        (&answer["id"], &answer["url"]),
+        (&json!("n2"), &json!(fresh[0].url))
+    );
+    let (_, body) = Client::new(&fresh[0].url).get("/v1/identity").await;
+    assert_eq!(
+        body["node"],
+        serde_json::Value::Null,
+        "not claimed until the proxy calls it"
+    );
+    let (status, body) = client.get("/v1/cluster/status").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = Client::new(&fresh[0].url).get("/v1/identity").await;
+    assert_eq!(body["node"], "n2", "claimed by the proxy's first call");
 }
