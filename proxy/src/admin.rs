@@ -527,7 +527,7 @@ async fn rebalance_status(State(state): State<ProxyState>) -> Json<RebalanceStat
 }
 
 /// Asks the running rebalance to stop (202) if it has not switched ownership yet: it stops at
-/// its next step, lifts the sources' fences and capture, and ends `failed` with the reason
+/// its next step or copy page, lifts the sources' fences and capture, and ends `failed` with the reason
 /// [`rebalance::CANCELLED`], every row with its old owner. A job past the switch finishes (409).
 async fn cancel_rebalance(
     State(state): State<ProxyState>,

@@ -46,6 +46,7 @@ use shardlite_node::transfer::{
 use shardlite_ring::{Member, NodeId, Ring, diff, hash_key};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -478,8 +479,9 @@ fn spawn(state: ProxyState, job: Job, guard: JobGuard) {
 /// The `meta` key of the state file that names the job a user asked to stop.
 const CANCEL_KEY: &str = "rebalance_cancel";
 
-/// Asks job `id` to stop at its next step (see `DELETE /v1/cluster/rebalance`). The ask lives
-/// only in the state file, where the job reads it between its steps, so a proxy that crashes
+/// Asks job `id` to stop at its next step or copy page (see `DELETE /v1/cluster/rebalance`).
+/// The ask lives only in the state file, where the job reads it between its steps and after
+/// every page of the copy phase ([`Moving::stop_if_cancelled`]), so a proxy that crashes
 /// before the job read it stops the job when it resumes it: an answered cancel is never lost.
 /// It names its job, so one that arrives as a job ends never stops the next. Whether the job
 /// still stops depends only on whether it has switched by then.
@@ -795,6 +797,11 @@ struct Moving<'a> {
     /// Fixed for the whole job: the plan's nodes and tables.
     nodes: Vec<NodeInfo>,
     tables: Vec<TableSchema>,
+    /// Whether a cancel stops this phase between its pages (the copy phase: a copy of many
+    /// rows runs for minutes, and a cancel must not wait for all of it).
+    cancellable: bool,
+    /// Set once a page found the cancel recorded; every source then stops at its next page.
+    cancelled: AtomicBool,
 }
 
 impl<'a> Moving<'a> {
@@ -804,7 +811,38 @@ impl<'a> Moving<'a> {
             nodes: job.nodes.clone(),
             tables: job.tables.clone(),
             job: Mutex::new(job.clone()),
+            cancellable: false,
+            cancelled: AtomicBool::new(false),
         }
+    }
+
+    /// A [`Moving`] that a cancel stops between pages: see [`Moving::stop_if_cancelled`].
+    fn cancellable(state: &'a ProxyState, job: &Job) -> Moving<'a> {
+        Moving {
+            cancellable: true,
+            ..Moving::new(state, job)
+        }
+    }
+
+    /// In a cancellable phase, fails the step of a source once the job's cancel is recorded,
+    /// so that every source stops at its next page instead of at the end of the phase. What
+    /// was done is saved; the run loop then reads the cancel and stops the job.
+    fn stop_if_cancelled(&self) -> ProxyResult<()> {
+        if !self.cancellable {
+            return Ok(());
+        }
+        if !self.cancelled.load(Ordering::Relaxed) {
+            let id = self.lock().id.clone();
+            if !cancel_recorded(self.state, &id)? {
+                return Ok(());
+            }
+            self.cancelled.store(true, Ordering::Relaxed);
+        }
+        Err(ProxyError::Conflict(CANCELLED.to_owned()))
+    }
+
+    fn was_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Job> {
@@ -816,11 +854,15 @@ impl<'a> Moving<'a> {
         self.lock().sources[s].clone()
     }
 
-    /// Changes the job and saves it, in one step.
+    /// Changes the job and saves it, in one step; then, in a cancellable phase, stops if the
+    /// job was cancelled (every page of a source's work ends in an update).
     fn update(&self, change: impl FnOnce(&mut Job)) -> ProxyResult<()> {
-        let mut job = self.lock();
-        change(&mut job);
-        save(self.state, &job)
+        {
+            let mut job = self.lock();
+            change(&mut job);
+            save(self.state, &job)?;
+        }
+        self.stop_if_cancelled()
     }
 
     /// [`Moving::update`] for progress only: published to `GET /v1/cluster/rebalance` at once,
@@ -890,9 +932,14 @@ async fn copy_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
     for lifted in futures::future::join_all(lifts).await {
         lifted?;
     }
-    let moving = Moving::new(state, job);
+    let moving = Moving::cancellable(state, job);
     let prepared = moving.each_source(|s| prepare_source(&moving, s)).await;
+    let cancelled = moving.was_cancelled();
     *job = moving.into_job();
+    if cancelled {
+        // The run loop reads the cancel before the next phase and stops the job.
+        return Ok(false);
+    }
     prepared?;
     job.phase = Phase::Fenced;
     job.error = None;
@@ -930,7 +977,7 @@ async fn prepare_source(moving: &Moving<'_>, s: usize) -> ProxyResult<()> {
                 None,
                 // Leftovers of an earlier try, on a node that owns none of them: the copy waits.
                 false,
-                |_, _| Ok(()),
+                |_, _| moving.stop_if_cancelled(),
             )
             .await?;
         }
@@ -1882,6 +1929,115 @@ mod tests {
         let (saved, stored) = clean_up_three_pages(Duration::from_secs(3600)).await;
         assert_eq!(saved, vec![(Some(at(40, "first")), 7); 3]);
         assert_eq!(stored.rows_cleaned, 22);
+    }
+
+    /// A cancel stops the copy at the source's next page, not at the end of the phase: the
+    /// fake source below never runs out of pages, so a copy that read the cancel only between
+    /// phases would never stop. The pages copied before it are saved, and the job stays in its
+    /// copy phase for the run loop to stop.
+    #[tokio::test]
+    async fn a_cancel_stops_the_copy_at_its_next_page() {
+        let scans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&scans);
+        let source_node = axum::Router::new()
+            .route(
+                "/v1/transfer/scan",
+                axum::routing::post(move || {
+                    let page = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                    async move {
+                        let key = format!("k{page}");
+                        axum::Json(json!({ "rows": [{ "id": key }], "next": key }))
+                    }
+                }),
+            )
+            .route(
+                "/v1/transfer/fences",
+                axum::routing::delete(|| async { axum::Json(json!({})) }),
+            );
+        let target_node = axum::Router::new().route(
+            "/v1/transfer/apply",
+            axum::routing::post(|| async { axum::Json(json!({})) }),
+        );
+        let mut urls = Vec::new();
+        for node in [source_node, target_node] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            urls.push(format!("http://{}", listener.local_addr().unwrap()));
+            tokio::spawn(async move { axum::serve(listener, node).await });
+        }
+        let node = |id: &str, url: &str| NodeInfo {
+            id: id.into(),
+            url: url.into(),
+            state: MemberState::Active,
+            weight: 1,
+        };
+        let mut src = source(&[(0, u32::MAX, "b")]);
+        src.url = urls[0].clone();
+        src.capturing = true;
+        src.purged = true;
+        let mut job = Job {
+            id: "j1".into(),
+            state: JobState::Running,
+            phase: Phase::Copy,
+            from_epoch: 1,
+            nodes: vec![node("a", &urls[0]), node("b", &urls[1])],
+            tables: vec![TableSchema {
+                name: "t".into(),
+                key: "id".into(),
+                key_affinity: shardlite_node::key::Affinity::Text,
+                columns: vec!["id".into()],
+            }],
+            sources: vec![src],
+            rows_to_move: 0,
+            rows_moved: 0,
+            rows_cleaned: 0,
+            pause_ms: 0,
+            error: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let state = test_state(&dir);
+        save(&state, &job).unwrap();
+
+        let ended = {
+            let copying = copy_phase(&state, &mut job);
+            tokio::pin!(copying);
+            // Let the copy run some pages, then cancel.
+            let ran = tokio::time::timeout(Duration::from_secs(10), async {
+                while scans.load(Ordering::SeqCst) < 5 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+            tokio::select! {
+                _ = ran => {}
+                ended = &mut copying => {
+                    panic!("a copy without end ended: {:?}", ended.map_err(|e| e.message()))
+                }
+            }
+            ask_cancel(&state, "j1").unwrap();
+            tokio::time::timeout(Duration::from_secs(10), copying)
+                .await
+                .expect("the copy stops at its next page")
+        };
+        assert!(
+            matches!(ended, Ok(false)),
+            "{:?}",
+            ended.map_err(|e| e.message())
+        );
+        let scanned = scans.load(Ordering::SeqCst) as u64;
+        assert_eq!(job.phase, Phase::Copy, "no fence after a cancel");
+        assert!(
+            job.rows_moved >= 4 && job.rows_moved < scanned + 1,
+            "moved {} of {scanned} pages read",
+            job.rows_moved
+        );
+        let stored = load_latest(&state).unwrap().unwrap();
+        assert_eq!(
+            stored.rows_moved, job.rows_moved,
+            "the pages copied are saved"
+        );
+        assert!(
+            cancel_recorded(&state, "j1").unwrap(),
+            "left for the run loop"
+        );
     }
 
     #[test]
