@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use http::{Method, StatusCode};
 use serde::de::DeserializeOwned;
+use std::fmt::Write as FmtWrite;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -910,12 +911,15 @@ async fn follow(
 ) -> anyhow::Result<RebalanceStatus> {
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout()) && !quiet;
     let bar = terminal.then(|| {
-        let bar = indicatif::ProgressBar::new(0);
+        // Hidden until it knows the job's size: a bar of length 0 is drawn full.
+        let bar = indicatif::ProgressBar::hidden();
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} rows  {per_sec}  ETA {eta}  {msg}",
+                "{bar:40} {pos}/{len} {msg}  {rate}  ETA {left}",
             )
-            .expect("a valid template"),
+            .expect("a valid template")
+            .with_key("rate", rate_key)
+            .with_key("left", left_key),
         );
         bar
     });
@@ -933,20 +937,23 @@ async fn follow(
         let committed = status.phase == Some(Phase::Committed);
         let cleaned = status.rows_cleaned.unwrap_or(0);
         if let Some(bar) = &bar {
-            if committed && !cleaning {
-                bar.reset();
-            }
             let (done, label) = if committed {
-                (cleaned, "old copies deleted".to_owned())
+                (cleaned, "old copies deleted (clean-up)".to_owned())
             } else {
-                (status.rows_moved, phase.clone())
+                (status.rows_moved, format!("rows moved ({phase})"))
             };
-            bar.set_length(status.rows_to_move.max(status.rows_moved).max(done));
-            bar.set_position(done);
             bar.set_message(match &status.error {
                 Some(e) => format!("{label}: {e}"),
                 None => label,
             });
+            if committed && !cleaning {
+                bar.reset();
+            }
+            bar.set_length(status.rows_to_move.max(status.rows_moved).max(done));
+            bar.set_position(done);
+            if bar.is_hidden() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
         } else if !quiet {
             let line = format!(
                 "{}: {} of {} rows moved ({phase}){}{}",
@@ -977,6 +984,31 @@ async fn follow(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The progress bar's `{rate}`: whole rows per second (indicatif's `per_sec` prints four
+/// decimals).
+fn rate_key(state: &indicatif::ProgressState, w: &mut dyn FmtWrite) {
+    if settling(state) {
+        let _ = w.write_str("- rows/s");
+    } else {
+        let _ = write!(w, "{:.0} rows/s", state.per_sec());
+    }
+}
+
+/// The progress bar's `{left}`: the time left at the current rate.
+fn left_key(state: &indicatif::ProgressState, w: &mut dyn FmtWrite) {
+    if settling(state) {
+        let _ = w.write_str("-");
+    } else {
+        let _ = write!(w, "{:#}", indicatif::HumanDuration(state.eta()));
+    }
+}
+
+/// Whether the bar's phase is too young for a rate: the bar starts over at the switch, and its
+/// first readings there said hundreds of millions of rows per second, or hours left.
+fn settling(state: &indicatif::ProgressState) -> bool {
+    state.elapsed() < Duration::from_millis(1000) || state.pos() == 0
 }
 
 /// When a progress line goes out without a terminal: at most one a second, and the same line
