@@ -60,7 +60,6 @@ pub fn router(state: NodeState) -> Router {
             }),
         )
         .route("/v1/sql", post(run_sql))
-        .route("/v1/stats", get(stats))
         .route("/v1/identity", axum::routing::delete(release_identity))
         .route("/v1/keys", post(keys))
         .route(
@@ -73,6 +72,18 @@ pub fn router(state: NodeState) -> Router {
             state.clone(),
             |state, request, next| check_node(state, request, next, true),
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            secret.clone(),
+            require_secret,
+        ));
+    // Behind the secret, but read-only: it checks a named node and never claims, so a proxy
+    // can look at a node (`nodes add` asks whether it is empty) before taking it.
+    let look = Router::new()
+        .route("/v1/stats", get(stats))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            |state, request, next| check_node(state, request, next, false),
+        ))
         .layer(axum::middleware::from_fn_with_state(secret, require_secret));
     // Open to all, so it never claims; a proxy's health check still learns of a mix-up.
     let health = Router::new()
@@ -84,6 +95,7 @@ pub fn router(state: NodeState) -> Router {
         ));
     Router::new()
         .merge(health)
+        .merge(look)
         .merge(api)
         .fallback(unknown_endpoint)
         .method_not_allowed_fallback(method_not_allowed)

@@ -1485,13 +1485,16 @@ async fn a_node_answers_only_to_the_id_it_was_claimed_as() {
         "{body}"
     );
     assert_eq!(reopened.identity(), None);
-    let (status, body) = send_as(reopened.clone(), "GET", "/v1/stats", "n5", None, None).await;
+    let (status, body) = send_as(reopened.clone(), "GET", "/v1/schema", "n5", None, None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(reopened.identity().as_deref(), Some("n5"));
+    let (status, _) = send_as(reopened.clone(), "GET", "/v1/stats", "n1", None, None).await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "stats check, too");
 }
 
-/// Only the proxy can claim a node: not through the open health check, and not without the
-/// cluster secret when the node has one.
+/// Only the proxy can claim a node: not through the open health check, not without the
+/// cluster secret when the node has one, and not by reading its stats (the proxy reads them
+/// to see that a node is empty before it adds it, and may refuse it).
 #[tokio::test]
 async fn only_an_authorized_call_claims_a_node() {
     let node = TestNode::empty(|c| c.cluster_secret = Some("s3cret".into()));
@@ -1503,13 +1506,29 @@ async fn only_an_authorized_call_claims_a_node() {
         (StatusCode::OK, &Value::Null),
         "{body}"
     );
+    let (status, _) = send_as(node.state.clone(), "GET", "/v1/schema", "n9", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = send_as(node.state.clone(), "GET", "/v1/stats", "n9", None, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(node.state.identity(), None, "neither call claimed it");
     let (status, body) = send_as(
         node.state.clone(),
         "GET",
         "/v1/stats",
+        "n9",
+        Some("s3cret"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        node.state.identity(),
+        None,
+        "none of these calls claimed it"
+    );
+    let (status, body) = send_as(
+        node.state.clone(),
+        "GET",
+        "/v1/schema",
         "n1",
         Some("s3cret"),
         None,
