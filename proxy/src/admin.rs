@@ -90,6 +90,9 @@ pub struct StatusResponse {
 struct NodeStats {
     rows: u64,
     bytes: u64,
+    /// Rows per sharded table.
+    #[serde(default)]
+    tables: BTreeMap<String, u64>,
 }
 
 async fn status(State(state): State<ProxyState>) -> Json<StatusResponse> {
@@ -347,6 +350,7 @@ async fn add_node(
         .call(&node.id, Method::GET, &node.url, "/healthz", None)
         .await?
         .ok(&node.id)?;
+    refuse_rows(&state, &node).await?;
     let set = migrate::known(&state)?;
     let schema = migrate::bring_up_to_date(&state, &node, &set).await?;
     state.cluster().update(|tx| {
@@ -368,6 +372,34 @@ async fn add_node(
         })),
     )
         .into_response())
+}
+
+/// A node joins empty, as Redis Cluster's `add-node` insists: no rebalance moves rows off a
+/// joining node, so rows it held when it joined would stay where no key routes to them (a key
+/// another node owns, or a stale copy of one) and `verify` would count them misplaced for good.
+/// The stats call only reads and never claims the node, so a refused node is left as it was.
+async fn refuse_rows(state: &ProxyState, node: &NodeInfo) -> ProxyResult<()> {
+    let stats: NodeStats = state
+        .upstream()
+        .call(&node.id, Method::GET, &node.url, "/v1/stats", None)
+        .await?
+        .json(&node.id)?;
+    if stats.rows == 0 {
+        return Ok(());
+    }
+    let tables = stats
+        .tables
+        .iter()
+        .filter(|(_, rows)| **rows > 0)
+        .map(|(table, rows)| format!("{table}: {rows}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(ProxyError::Conflict(format!(
+        "the node at {} holds {} rows ({tables}); a node joins empty, since no rebalance moves \
+         rows off a joining node and rows it brought would belong to no one; start it on a \
+         fresh --db file (or delete its rows), then add it again",
+        node.url, stats.rows
+    )))
 }
 
 /// Marks a node `leaving`: the next rebalance drains it, then it leaves. A node still joining

@@ -379,6 +379,72 @@ async fn a_rebalance_waiting_for_a_lost_node_can_be_cancelled() {
     cluster.stop().await;
 }
 
+/// A node joins empty (as in Redis Cluster): one that holds rows is refused with a 409 that
+/// says what it holds, and the refusal changes nothing, neither the topology nor the node,
+/// which is not claimed. Emptied, it joins. Without the check the node below joined holding a
+/// row that no rebalance moves, and `verify` counted it misplaced for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_holds_rows_is_refused_until_it_is_empty() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client.clone();
+    // A node that was in the cluster once: migrated, then left. It keeps its schema.
+    cluster.add_node("n4").await;
+    let (status, body) = client.delete("/v1/cluster/nodes/n4").await;
+    assert!(status.is_success(), "{body}");
+    let n4 = Client::new(&cluster.node("n4").url);
+    // A row written to it directly: a key that lives on another node, a stale copy.
+    let (status, body) = n4
+        .put(
+            &Client::row_path("users", "stray"),
+            json!({ "name": "stale" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = client
+        .put(
+            &Client::row_path("users", "stray"),
+            json!({ "name": "current" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, before) = client.get("/v1/cluster").await;
+
+    let url = cluster.node("n4").url.clone();
+    let (status, body) = client
+        .post("/v1/cluster/nodes", json!({ "id": "n5", "url": url }))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("holds 1 rows (users: 1)") && error.contains("fresh --db file"),
+        "{error}"
+    );
+    let (_, after) = client.get("/v1/cluster").await;
+    assert_eq!(after, before, "a refused node changes nothing");
+    let (_, identity) = n4.get("/v1/identity").await;
+    assert_eq!(
+        identity["node"],
+        Value::Null,
+        "a refused node is not claimed"
+    );
+
+    let (status, body) = n4.delete(&Client::row_path("users", "stray")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = client
+        .post("/v1/cluster/nodes", json!({ "id": "n5", "url": url }))
+        .await;
+    assert_eq!(status, 201, "emptied, it joins: {body}");
+    let (_, identity) = n4.get("/v1/identity").await;
+    assert_eq!(identity["node"], "n5");
+    let job = rebalance_and_wait(&client).await;
+    assert_eq!(job["state"], "done", "{job}");
+    let (status, row) = client.get(&Client::row_path("users", "stray")).await;
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(row["name"], "current");
+    assert_verified(&client).await;
+    cluster.stop().await;
+}
+
 /// A joining node replaced by an empty one (its disk lost) has no tables: the job fails for
 /// good, saying which node is behind and what to run, and nothing switched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
