@@ -1,7 +1,7 @@
 //! The admin plane under `/v1/cluster`: membership, per-node figures, verification.
 
 use crate::body::{self, JsonBody, RawBody};
-use crate::cluster::{self, MemberState, NodeInfo, bump_epoch};
+use crate::cluster::{self, MemberState, NodeInfo, Topology, bump_epoch};
 use crate::error::{ProxyError, ProxyResult};
 use crate::migrate::{self, MigrateRequest, MigrationStatus};
 use crate::rebalance::{self, DryRun, RebalanceStatus};
@@ -169,13 +169,33 @@ pub struct VerifyResponse {
     /// Keys stored on more than one node.
     pub duplicates: u64,
     pub nodes: BTreeMap<String, NodeVerify>,
+    /// What to do about misplaced rows (absent when there are none): wait for the running
+    /// rebalance, run one, or repair rows that no rebalance moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Default)]
 pub struct NodeVerify {
     pub rows: u64,
     pub misplaced: u64,
+    /// The first misplaced rows found on this node (at most [`MISPLACED_EXAMPLES`]), so that
+    /// they can be found and repaired.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<MisplacedRow>,
 }
+
+/// A row on a node that does not own its key.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MisplacedRow {
+    pub table: String,
+    pub key: Value,
+    /// The node that owns the key.
+    pub owner: String,
+}
+
+/// Misplaced rows `verify` names per node.
+const MISPLACED_EXAMPLES: usize = 5;
 
 #[derive(Deserialize)]
 struct KeysPage {
@@ -236,8 +256,16 @@ async fn verify(State(state): State<ProxyState>) -> ProxyResult<Json<VerifyRespo
                         })?;
                         let routing = key.routing_text();
                         figures.rows += 1;
-                        if topology.owner(&routing)?.id != node.id {
+                        let owner = &topology.owner(&routing)?.id;
+                        if *owner != node.id {
                             figures.misplaced += 1;
+                            if figures.examples.len() < MISPLACED_EXAMPLES {
+                                figures.examples.push(MisplacedRow {
+                                    table: table.name.clone(),
+                                    key: key.to_json(),
+                                    owner: owner.clone(),
+                                });
+                            }
                         }
                         let mut hasher = DefaultHasher::new();
                         routing.hash(&mut hasher);
@@ -260,6 +288,7 @@ async fn verify(State(state): State<ProxyState>) -> ProxyResult<Json<VerifyRespo
         misplaced: 0,
         duplicates: 0,
         nodes: BTreeMap::new(),
+        hint: None,
     };
     let mut copies: HashMap<(usize, u64), u32> = HashMap::new();
     for result in results {
@@ -272,7 +301,54 @@ async fn verify(State(state): State<ProxyState>) -> ProxyResult<Json<VerifyRespo
         response.nodes.insert(id, figures);
     }
     response.duplicates = copies.values().filter(|&&n| n > 1).count() as u64;
+    response.hint = verify_hint(
+        &response,
+        &topology,
+        state.rebalance_status().state == "running",
+    );
     Ok(Json(response))
+}
+
+/// What `verify` advises when rows are misplaced. A running rebalance explains them (moved rows
+/// stay on their old owner until its clean-up). On joining or leaving nodes they are copies
+/// of a job that did not finish, which the next job purges or drains. On active nodes no
+/// rebalance moves them: they were written to a node directly, or its file came from
+/// elsewhere, and only a repair by hand helps.
+fn verify_hint(report: &VerifyResponse, topology: &Topology, running: bool) -> Option<String> {
+    if report.misplaced == 0 && report.duplicates == 0 {
+        return None;
+    }
+    if running {
+        return Some(
+            "a rebalance is running, and moved rows stay on their old owner until its clean-up \
+             ends: verify again once `shardlite rebalance` says it is done"
+                .into(),
+        );
+    }
+    let on_active: u64 = report
+        .nodes
+        .iter()
+        .filter(|(id, _)| {
+            topology
+                .node(id)
+                .is_some_and(|n| n.state == MemberState::Active)
+        })
+        .map(|(_, n)| n.misplaced)
+        .sum();
+    if on_active == 0 {
+        return Some(
+            "the misplaced rows are on joining or leaving nodes, left by a rebalance that did not \
+             finish: run `shardlite rebalance`"
+                .into(),
+        );
+    }
+    Some(format!(
+        "{on_active} rows on active nodes lie outside the ranges those nodes own (written to a \
+         node directly, or its file came from elsewhere), and no rebalance moves them; each \
+         node's first five are listed (`examples` in `shardlite verify --json`): compare each \
+         with its owner's row, write the right one through the proxy, then delete the stray one \
+         on its node (docs/rebalance.md, \"Misplaced rows\")"
+    ))
 }
 
 async fn run_migrations(
@@ -613,4 +689,67 @@ async fn start_rebalance(
     let guard = state.jobs().begin("a rebalance")?;
     let status = rebalance::start(&state, guard).await?;
     Ok((StatusCode::ACCEPTED, Json(status)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(misplaced: &[(&str, u64)]) -> VerifyResponse {
+        VerifyResponse {
+            epoch: 1,
+            rows_total: 10,
+            misplaced: misplaced.iter().map(|(_, n)| n).sum(),
+            duplicates: misplaced.iter().map(|(_, n)| n).sum(),
+            nodes: misplaced
+                .iter()
+                .map(|&(id, misplaced)| {
+                    let node = NodeVerify {
+                        rows: 5,
+                        misplaced,
+                        examples: Vec::new(),
+                    };
+                    (id.to_owned(), node)
+                })
+                .collect(),
+            hint: None,
+        }
+    }
+
+    /// The hint names the one thing that helps: waiting for the job, running one, or a repair
+    /// by hand when the rows sit on active nodes, where no rebalance moves them.
+    #[test]
+    fn verify_advises_by_where_the_misplaced_rows_are() {
+        let node = |id: &str, state| NodeInfo {
+            id: id.into(),
+            url: format!("http://{id}"),
+            state,
+            weight: 1,
+        };
+        let topology = Topology::new(
+            1,
+            16,
+            vec![
+                node("a", MemberState::Active),
+                node("j", MemberState::Joining),
+                node("l", MemberState::Leaving),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            verify_hint(&report(&[("a", 0), ("j", 0)]), &topology, true),
+            None
+        );
+        let hint = |r, running| verify_hint(&r, &topology, running).unwrap();
+        assert!(hint(report(&[("a", 3)]), true).contains("a rebalance is running"));
+        assert!(
+            hint(report(&[("a", 0), ("j", 2), ("l", 1)]), false)
+                .contains("run `shardlite rebalance`")
+        );
+        let repair = hint(report(&[("a", 3), ("j", 2)]), false);
+        assert!(
+            repair.starts_with("3 rows on active nodes") && repair.contains("no rebalance moves"),
+            "{repair}"
+        );
+    }
 }

@@ -584,9 +584,21 @@ async fn verify(args: AdminArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
             if ok {
                 "every row lives on exactly its owner"
             } else {
-                "NOT OK: run `shardlite rebalance` to move rows to their owners"
+                "NOT OK"
             }
         )?;
+        for (id, node) in &report.nodes {
+            for row in &node.examples {
+                writeln!(
+                    out,
+                    "misplaced: {} {} on {id} (its owner is {})",
+                    row.table, row.key, row.owner
+                )?;
+            }
+        }
+        if let Some(hint) = &report.hint {
+            writeln!(out, "{hint}")?;
+        }
     }
     Ok(if ok {
         ExitCode::SUCCESS

@@ -1,6 +1,6 @@
 //! The `shardlite` binary against a real proxy process.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use shardlite_tests::{
     Client, Spawned, preload_users, sample_migrations, shardlite_bin, spawn_nodes, spawn_proxy,
 };
@@ -231,6 +231,28 @@ fn nodes_rebalance_and_verify_commands_drive_a_membership_change() {
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["misplaced"], 1, "{report}");
     assert_eq!(report["duplicates"], 1, "{report}");
+    // It names the row and its owner, and says that a rebalance will not move it.
+    let stray_id = format!("n{}", stray + 1);
+    let owner_id = nodes
+        .iter()
+        .position(|n| n.url == owner_url)
+        .map(|i| format!("n{}", i + 1))
+        .unwrap();
+    assert_eq!(
+        report["nodes"][&stray_id]["examples"],
+        json!([{ "table": "users", "key": "cli-0", "owner": owner_id }]),
+        "{report}"
+    );
+    let hint = report["hint"].as_str().unwrap();
+    assert!(hint.contains("no rebalance moves them"), "{hint}");
+    let (code, out, err) = shardlite(&["verify", "--proxy", url]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "misplaced: users \"cli-0\" on {stray_id} (its owner is {owner_id})"
+        )) && out.contains("no rebalance moves them"),
+        "{out}"
+    );
 }
 
 /// A port `p` such that `p`, `p + 1`, ..., `p + n` are free now (`dev` puts node i on `p + i`).
