@@ -1650,42 +1650,53 @@ mod tests {
         ProxyState::open(crate::server::ProxyConfig::new(dir.path().join("state.db"))).unwrap()
     }
 
-    /// A resumed job calls a node where the topology has it now, by id.
-    #[test]
-    fn a_resumed_job_follows_a_node_to_its_new_url() {
-        let node = |id: &str, url: &str| NodeInfo {
-            id: id.into(),
+    /// An active node at `url`.
+    fn node_at(id: &str, url: &str) -> NodeInfo {
+        NodeInfo {
             url: url.into(),
-            state: MemberState::Active,
-            weight: 1,
-        };
-        let mut src = source(&[(0, 9, "b")]);
-        src.url = "http://127.0.0.1:1".into();
-        let mut job = Job {
+            ..node(id, MemberState::Active)
+        }
+    }
+
+    /// A running job `j1` with nothing moved yet.
+    fn job_of(phase: Phase, nodes: Vec<NodeInfo>, sources: Vec<Source>) -> Job {
+        Job {
             id: "j1".into(),
             state: JobState::Running,
-            phase: Phase::Copy,
+            phase,
             from_epoch: 1,
-            nodes: vec![
-                node("a", "http://127.0.0.1:1"),
-                node("b", "http://127.0.0.1:2"),
-            ],
+            nodes,
             tables: Vec::new(),
-            sources: vec![src],
+            sources,
             rows_to_move: 0,
             rows_moved: 0,
             rows_cleaned: 0,
             pause_ms: 0,
             error: None,
-        };
+        }
+    }
+
+    /// A resumed job calls a node where the topology has it now, by id.
+    #[test]
+    fn a_resumed_job_follows_a_node_to_its_new_url() {
+        let mut src = source(&[(0, 9, "b")]);
+        src.url = "http://127.0.0.1:1".into();
+        let mut job = job_of(
+            Phase::Copy,
+            vec![
+                node_at("a", "http://127.0.0.1:1"),
+                node_at("b", "http://127.0.0.1:2"),
+            ],
+            vec![src],
+        );
         let same = Topology::new(1, 16, job.nodes.clone()).unwrap();
         assert!(!follow_moved_nodes(&mut job, &same));
         let moved = Topology::new(
             1,
             16,
             vec![
-                node("a", "http://127.0.0.1:9"),
-                node("b", "http://127.0.0.1:2"),
+                node_at("a", "http://127.0.0.1:9"),
+                node_at("b", "http://127.0.0.1:2"),
             ],
         )
         .unwrap();
@@ -1880,18 +1891,10 @@ mod tests {
         src.url = url;
         src.cleaning = Some(at(40, "first"));
         let job = Job {
-            id: "j1".into(),
-            state: JobState::Running,
-            phase: Phase::Committed,
-            from_epoch: 1,
-            nodes: Vec::new(),
-            tables: Vec::new(),
-            sources: vec![src],
             rows_to_move: 100,
             rows_moved: 100,
             rows_cleaned: 7,
-            pause_ms: 0,
-            error: None,
+            ..job_of(Phase::Committed, Vec::new(), vec![src])
         };
         save(&state, &job).unwrap();
 
@@ -1964,34 +1967,22 @@ mod tests {
             urls.push(format!("http://{}", listener.local_addr().unwrap()));
             tokio::spawn(async move { axum::serve(listener, node).await });
         }
-        let node = |id: &str, url: &str| NodeInfo {
-            id: id.into(),
-            url: url.into(),
-            state: MemberState::Active,
-            weight: 1,
-        };
         let mut src = source(&[(0, u32::MAX, "b")]);
         src.url = urls[0].clone();
         src.capturing = true;
         src.purged = true;
         let mut job = Job {
-            id: "j1".into(),
-            state: JobState::Running,
-            phase: Phase::Copy,
-            from_epoch: 1,
-            nodes: vec![node("a", &urls[0]), node("b", &urls[1])],
             tables: vec![TableSchema {
                 name: "t".into(),
                 key: "id".into(),
                 key_affinity: shardlite_node::key::Affinity::Text,
                 columns: vec!["id".into()],
             }],
-            sources: vec![src],
-            rows_to_move: 0,
-            rows_moved: 0,
-            rows_cleaned: 0,
-            pause_ms: 0,
-            error: None,
+            ..job_of(
+                Phase::Copy,
+                vec![node_at("a", &urls[0]), node_at("b", &urls[1])],
+                vec![src],
+            )
         };
         let dir = tempfile::tempdir().unwrap();
         let state = test_state(&dir);
