@@ -447,11 +447,13 @@ impl Client {
             if status == StatusCode::MISDIRECTED_REQUEST && self.config.name_nodes {
                 // Another node answers at this address: its keys are unavailable (nothing
                 // was done there), never served by the wrong file.
-                let body = response.into_body().collect().await.ok();
-                let said = body
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b.to_bytes()).ok())
-                    .and_then(|v| v["error"].as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "it is another node".into());
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let said = crate::error::node_error_message(who, &body);
                 return Err(ProxyError::ShardUnavailable {
                     node: who.to_owned(),
                     reason: format!("{base_url} refused the call: {said}"),
