@@ -46,7 +46,6 @@ use shardlite_node::transfer::{
 use shardlite_ring::{Member, NodeId, Ring, diff, hash_key};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -800,8 +799,6 @@ struct Moving<'a> {
     /// Whether a cancel stops this phase between its pages (the copy phase: a copy of many
     /// rows runs for minutes, and a cancel must not wait for all of it).
     cancellable: bool,
-    /// Set once a page found the cancel recorded; every source then stops at its next page.
-    cancelled: AtomicBool,
 }
 
 impl<'a> Moving<'a> {
@@ -812,7 +809,6 @@ impl<'a> Moving<'a> {
             tables: job.tables.clone(),
             job: Mutex::new(job.clone()),
             cancellable: false,
-            cancelled: AtomicBool::new(false),
         }
     }
 
@@ -831,18 +827,11 @@ impl<'a> Moving<'a> {
         if !self.cancellable {
             return Ok(());
         }
-        if !self.cancelled.load(Ordering::Relaxed) {
-            let id = self.lock().id.clone();
-            if !cancel_recorded(self.state, &id)? {
-                return Ok(());
-            }
-            self.cancelled.store(true, Ordering::Relaxed);
+        let id = self.lock().id.clone();
+        if cancel_recorded(self.state, &id)? {
+            return Err(ProxyError::Conflict(CANCELLED.to_owned()));
         }
-        Err(ProxyError::Conflict(CANCELLED.to_owned()))
-    }
-
-    fn was_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Job> {
@@ -934,9 +923,8 @@ async fn copy_phase(state: &ProxyState, job: &mut Job) -> ProxyResult<bool> {
     }
     let moving = Moving::cancellable(state, job);
     let prepared = moving.each_source(|s| prepare_source(&moving, s)).await;
-    let cancelled = moving.was_cancelled();
     *job = moving.into_job();
-    if cancelled {
+    if cancel_recorded(state, &job.id)? {
         // The run loop reads the cancel before the next phase and stops the job.
         return Ok(false);
     }
@@ -1940,7 +1928,8 @@ mod tests {
     /// copy phase for the run loop to stop.
     #[tokio::test]
     async fn a_cancel_stops_the_copy_at_its_next_page() {
-        let scans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let scans = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&scans);
         let source_node = axum::Router::new()
             .route(
