@@ -218,14 +218,12 @@ impl Cluster {
     /// becomes the seed's. Ownership does not change, so neither does the epoch. Returns what
     /// moved, as `id: old -> new`.
     pub fn adopt_seed_urls(&self, seeds: &[(String, String)]) -> ProxyResult<Vec<String>> {
-        let topology = self.topology();
-        let mut moved = Vec::new();
-        for (id, url) in seeds {
-            let url = normalize_url(url)?;
-            if let Some(node) = topology.node(id).filter(|n| n.url != url) {
-                moved.push((id.clone(), node.url.clone(), url));
-            }
+        for (_, url) in seeds {
+            normalize_url(url)?;
         }
+        let moved: Vec<(String, String, String)> = seed_changes(seeds, &self.topology())
+            .filter_map(|(id, held, url)| Some((id.to_owned(), held?.to_owned(), url)))
+            .collect();
         if !moved.is_empty() {
             let urls: Vec<(&str, &str)> = moved
                 .iter()
@@ -353,14 +351,22 @@ pub fn normalize_url(url: &str) -> ProxyResult<String> {
 /// The seeds (`--node ID=URL`) that an existing state file does not hold as they are: an id
 /// it lacks, or one it holds at another URL.
 fn seeds_not_in(seeds: &[(String, String)], topology: &Topology) -> Vec<String> {
-    seeds
-        .iter()
-        .filter(|(id, url)| {
-            let url = normalize_url(url).unwrap_or_else(|_| url.clone());
-            topology.node(id).is_none_or(|n| n.url != url)
-        })
-        .map(|(id, url)| format!("{id}={url}"))
+    seed_changes(seeds, topology)
+        .map(|(id, _, url)| format!("{id}={url}"))
         .collect()
+}
+
+/// Each seed that the topology does not hold as given: its id, the URL the topology holds it
+/// at (`None`: an id it lacks), and the seed's URL, normalized where it can be.
+fn seed_changes<'a>(
+    seeds: &'a [(String, String)],
+    topology: &'a Topology,
+) -> impl Iterator<Item = (&'a str, Option<&'a str>, String)> {
+    seeds.iter().filter_map(|(id, url)| {
+        let url = normalize_url(url).unwrap_or_else(|_| url.clone());
+        let held = topology.node(id).map(|n| n.url.as_str());
+        (held != Some(url.as_str())).then_some((id.as_str(), held, url))
+    })
 }
 
 #[cfg(test)]

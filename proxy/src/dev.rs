@@ -60,6 +60,8 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
     {
         writeln!(out, "moved  {moved}")?;
     }
+    // A member this `dev` did not start was added by hand or left from a run with more --nodes.
+    let started_here = |id: &str| seeds.iter().any(|(seed, _)| seed == id);
     let listener = bind(args.listen, "proxy").await?;
 
     // The nodes only, not the topology snapshot: a rebalance's switch waits until nobody holds
@@ -82,8 +84,7 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
             .lagging
             .iter()
             .filter(|id| {
-                !seeds.iter().any(|(seed, _)| seed == *id)
-                    && outcome.nodes.get(*id).is_none_or(|n| n.version.is_none())
+                !started_here(id) && outcome.nodes.get(*id).is_none_or(|n| n.version.is_none())
             })
             .collect();
         match &outcome.error {
@@ -126,16 +127,14 @@ pub async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
         args.data.display()
     )?;
     for node in &nodes {
-        // A member this `dev` did not start (added by hand, or left from a run with more
-        // --nodes) is served only if something else runs it.
-        let started_here = seeds.iter().any(|(id, _)| *id == node.id);
+        // A member this `dev` did not start is served only if something else runs it.
         writeln!(
             out,
             "node   {}  {}  {}{}",
             node.id,
             node.url,
             node.state.as_str(),
-            if started_here {
+            if started_here(&node.id) {
                 ""
             } else {
                 "  (not started by dev: its keys get 503 unless it runs there)"
