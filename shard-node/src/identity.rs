@@ -45,7 +45,7 @@ pub(crate) fn claim(conn: &Connection, id: &str) -> rusqlite::Result<String> {
         "INSERT OR IGNORE INTO _shardlite_identity (only, node) VALUES (1, ?1)",
         [id],
     )?;
-    conn.query_row("SELECT node FROM _shardlite_identity", [], |r| r.get(0))
+    load(conn)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
 /// Forgets the stored id, if any; returns it.

@@ -76,18 +76,14 @@ impl NodeState {
         let schema = Schema::load(&writer)?;
         let fences = fence::load(&writer)?;
         let capturing = transfer::capture_installed(&writer)?;
-        let identity = std::sync::RwLock::new(crate::identity::load(&writer)?);
+        let identity = crate::identity::load(&writer)?;
         tracing::info!(
             db = %config.db_path.display(),
             tables = schema.tables().count(),
             fences = fences.list.len(),
             synchronous = config.synchronous.pragma_value(),
             capturing,
-            node = identity
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .as_deref()
-                .unwrap_or("(not claimed yet)"),
+            node = identity.as_deref().unwrap_or("(not claimed yet)"),
             "node database open"
         );
         let shared = Arc::new(Shared::new(fences, capturing));
@@ -101,7 +97,7 @@ impl NodeState {
                 shared,
                 _checkpointer: checkpointer,
                 writer,
-                identity,
+                identity: std::sync::RwLock::new(identity),
                 op_sets: AtomicU64::new(0),
                 ops: AtomicU64::new(0),
             }),
@@ -115,21 +111,19 @@ impl NodeState {
 
     /// The node id this file was claimed as, if any (see `identity`).
     pub fn identity(&self) -> Option<String> {
-        self.inner
-            .identity
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.held_identity().clone()
     }
 
     /// Whether this file was claimed as `id` (`None`: never claimed), read without copying.
     pub(crate) fn claimed_as(&self, id: &str) -> Option<bool> {
+        self.held_identity().as_deref().map(|held| held == id)
+    }
+
+    fn held_identity(&self) -> std::sync::RwLockReadGuard<'_, Option<String>> {
         self.inner
             .identity
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_deref()
-            .map(|held| held == id)
     }
 
     fn set_identity(&self, id: Option<String>) {
