@@ -220,12 +220,14 @@ async fn swapped_node_addresses_are_refused_not_served() {
 
     // Repaired while serving: each node set to where it really listens. A node is never set
     // to an address where another node answers (its 421 fails the change).
-    let set_url = |id: &str, url: &str| {
+    let set_url_with = |id: &str, url: &str, extra: &[&str]| {
         std::process::Command::new(shardlite_tests::shardlite_bin())
             .args(["nodes", "set-url", id, url, "--proxy", &proxy.url])
+            .args(extra)
             .output()
             .unwrap()
     };
+    let set_url = |id: &str, url: &str| set_url_with(id, url, &[]);
     for (id, node) in [("n1", &nodes[0]), ("n2", &nodes[1])] {
         let out = set_url(id, &node.url);
         let said = String::from_utf8_lossy(&out.stdout);
@@ -263,11 +265,7 @@ async fn swapped_node_addresses_are_refused_not_served() {
 
     // Forced, an address may go to a node never claimed (a file from before node ids); the
     // node there is then n2, which `--json` shows as the endpoint's answer.
-    let forced = std::process::Command::new(shardlite_tests::shardlite_bin())
-        .args(["nodes", "set-url", "n2", &fresh[0].url, "--force", "--json"])
-        .args(["--proxy", &proxy.url])
-        .output()
-        .unwrap();
+    let forced = set_url_with("n2", &fresh[0].url, &["--force", "--json"]);
     assert!(
         forced.status.success(),
         "{}",
