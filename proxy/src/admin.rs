@@ -720,19 +720,13 @@ mod tests {
     /// by hand when the rows sit on active nodes, where no rebalance moves them.
     #[test]
     fn verify_advises_by_where_the_misplaced_rows_are() {
-        let node = |id: &str, state| NodeInfo {
-            id: id.into(),
-            url: format!("http://{id}"),
-            state,
-            weight: 1,
-        };
         let topology = Topology::new(
             1,
             16,
             vec![
-                node("a", MemberState::Active),
-                node("j", MemberState::Joining),
-                node("l", MemberState::Leaving),
+                NodeInfo::test("a", MemberState::Active),
+                NodeInfo::test("j", MemberState::Joining),
+                NodeInfo::test("l", MemberState::Leaving),
             ],
         )
         .unwrap();

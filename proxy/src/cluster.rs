@@ -55,6 +55,19 @@ pub struct NodeInfo {
     pub weight: u32,
 }
 
+#[cfg(test)]
+impl NodeInfo {
+    /// A member of weight 1 at `http://<id>`, for tests.
+    pub(crate) fn test(id: &str, state: MemberState) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            url: format!("http://{id}"),
+            state,
+            weight: 1,
+        }
+    }
+}
+
 /// An immutable snapshot of membership: what every routed request reads.
 #[derive(Debug)]
 pub struct Topology {
@@ -444,18 +457,8 @@ mod tests {
     #[test]
     fn joining_nodes_own_nothing() {
         let nodes = vec![
-            NodeInfo {
-                id: "a".into(),
-                url: "http://127.0.0.1:1".into(),
-                state: MemberState::Active,
-                weight: 1,
-            },
-            NodeInfo {
-                id: "b".into(),
-                url: "http://127.0.0.1:2".into(),
-                state: MemberState::Joining,
-                weight: 1,
-            },
+            NodeInfo::test("a", MemberState::Active),
+            NodeInfo::test("b", MemberState::Joining),
         ];
         let topology = Topology::new(1, 64, nodes).unwrap();
         for i in 0..1000 {

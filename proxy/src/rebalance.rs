@@ -1642,7 +1642,7 @@ mod tests {
     fn node_at(id: &str, url: &str) -> NodeInfo {
         NodeInfo {
             url: url.into(),
-            ..node(id, MemberState::Active)
+            ..NodeInfo::test(id, MemberState::Active)
         }
     }
 
@@ -2035,24 +2035,15 @@ mod tests {
         assert_eq!(s.spans_to("b"), vec![[0, 9], [30, 30]]);
     }
 
-    fn node(id: &str, state: MemberState) -> NodeInfo {
-        NodeInfo {
-            id: id.into(),
-            url: "http://127.0.0.1:1".into(),
-            state,
-            weight: 1,
-        }
-    }
-
     #[test]
     fn a_joining_node_receives_and_a_leaving_node_gives() {
         let topology = Topology::new(
             1,
             64,
             vec![
-                node("a", MemberState::Active),
-                node("b", MemberState::Active),
-                node("c", MemberState::Joining),
+                NodeInfo::test("a", MemberState::Active),
+                NodeInfo::test("b", MemberState::Active),
+                NodeInfo::test("c", MemberState::Joining),
             ],
         )
         .unwrap();
@@ -2070,8 +2061,8 @@ mod tests {
             1,
             64,
             vec![
-                node("a", MemberState::Active),
-                node("b", MemberState::Leaving),
+                NodeInfo::test("a", MemberState::Active),
+                NodeInfo::test("b", MemberState::Leaving),
             ],
         )
         .unwrap();
@@ -2128,7 +2119,8 @@ mod tests {
 
     #[test]
     fn the_last_nodes_cannot_all_leave() {
-        let topology = Topology::new(1, 64, vec![node("a", MemberState::Leaving)]).unwrap();
+        let topology =
+            Topology::new(1, 64, vec![NodeInfo::test("a", MemberState::Leaving)]).unwrap();
         assert!(matches!(next_ring(&topology), Err(ProxyError::Conflict(_))));
     }
 }
