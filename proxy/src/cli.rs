@@ -1119,6 +1119,24 @@ mod tests {
         }
     }
 
+    /// Every server binds to the loopback address unless told otherwise.
+    #[test]
+    fn servers_listen_on_loopback_by_default() {
+        let listen = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Node(a) => a.listen,
+            Command::Proxy(a) => a.listen,
+            Command::Dev(a) => a.listen,
+            other => panic!("parsed as {other:?}"),
+        };
+        for args in [
+            &["shardlite", "node", "--db", "n.db"][..],
+            &["shardlite", "proxy", "--state", "p.db"],
+            &["shardlite", "dev"],
+        ] {
+            assert!(listen(args).ip().is_loopback(), "{args:?}");
+        }
+    }
+
     #[test]
     fn seeds_are_id_equals_url() {
         assert_eq!(
