@@ -1,0 +1,384 @@
+//! Guarantees 2 and 4 under faults at moments no one chose: rounds of adding and removing
+//! nodes while writers run, each job hit at a random moment by `kill -9` of the proxy or of a
+//! node (sometimes both, sometimes also a cancel), with random downtimes. The phased fault
+//! tests (`rebalance_faults.rs`) each stop one chosen step; this one lands between steps too,
+//! and on clusters that earlier jobs, kills and cancels have left behind.
+//!
+//! Every round must end with the job done (a cancelled one is started again), `verify` clean,
+//! no capture, change log or fence left on any node, and a node that left holding no row; at
+//! the end the writers' history must check out. The run is seeded: the seed and every action
+//! are printed, and `SHARDLITE_CHAOS_SEED=N` replays the same actions (not the same timing).
+//! `SHARDLITE_CHAOS_ROUNDS=N` runs more rounds than CI's few.
+
+use serde_json::{Value, json};
+use shardlite_tests::history::{self, Rng, WriterLog};
+use shardlite_tests::{
+    Client, Spawned, assert_verified, keys_in_file, member_state, migrate_sample, preload_users,
+    transfer_leftovers, wait_for_rebalance,
+};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const ROWS: usize = 6_000;
+/// Rounds when `SHARDLITE_CHAOS_ROUNDS` is not set: enough to add, remove and fault a few
+/// times within CI's time.
+const DEFAULT_ROUNDS: u64 = 4;
+/// Each copy page and phase pauses this long, so that a job lasts long enough (about a
+/// second) for a random moment to land inside it.
+const STEP_PAUSE_MS: &str = "40";
+
+/// A node process and where it lives.
+struct Node {
+    id: String,
+    process: Spawned,
+}
+
+struct Chaos {
+    dir: tempfile::TempDir,
+    rng: Rng,
+    /// Nodes in the topology, whatever their state.
+    nodes: Vec<Node>,
+    proxy: Spawned,
+    proxy_args: Vec<String>,
+    client: Client,
+    /// The next node id's number.
+    next_id: usize,
+    /// The shortest job so far, from its start to its end: faults land within this much of
+    /// a job's start, so that most of them hit it while it runs.
+    shortest_job: Duration,
+}
+
+fn node_args(dir: &Path, id: &str, listen: &str) -> Vec<String> {
+    vec![
+        "node".into(),
+        "--listen".into(),
+        listen.into(),
+        "--db".into(),
+        dir.join(format!("{id}.db")).display().to_string(),
+    ]
+}
+
+fn start(args: &[String]) -> Spawned {
+    Spawned::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// What hits a job.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Nothing,
+    Proxy,
+    /// A node of the topology, by index.
+    Node(usize),
+    /// The proxy and a node at once.
+    Both(usize),
+}
+
+impl Chaos {
+    async fn start(seed: u64) -> Chaos {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<Node> = (1..=3)
+            .map(|i| {
+                let id = format!("n{i}");
+                let process = start(&node_args(dir.path(), &id, "127.0.0.1:0"));
+                Node { id, process }
+            })
+            .collect();
+        let mut proxy_args: Vec<String> = vec![
+            "proxy".into(),
+            "--state".into(),
+            dir.path().join("proxy.db").display().to_string(),
+            "--test-rebalance-pause-ms".into(),
+            STEP_PAUSE_MS.into(),
+            "--connect-timeout-ms".into(),
+            "300".into(),
+        ];
+        for n in &nodes {
+            proxy_args.push("--node".into());
+            proxy_args.push(format!("{}={}", n.id, n.process.url));
+        }
+        let mut first = proxy_args.clone();
+        first.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        let proxy = start(&first);
+        let client = Client::new(&proxy.url);
+        migrate_sample(&client).await;
+        preload_users(&client, "still", ROWS).await;
+        Chaos {
+            dir,
+            rng: Rng::new(seed),
+            nodes,
+            proxy,
+            proxy_args,
+            client,
+            next_id: 4,
+            shortest_job: Duration::from_millis(600),
+        }
+    }
+
+    fn restart_proxy(&mut self) {
+        let mut args = self.proxy_args.clone();
+        args.extend([
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.proxy.port()),
+        ]);
+        self.proxy = start(&args);
+    }
+
+    fn restart_node(&mut self, i: usize) {
+        let port = self.nodes[i].process.port();
+        let args = node_args(
+            self.dir.path(),
+            &self.nodes[i].id,
+            &format!("127.0.0.1:{port}"),
+        );
+        self.nodes[i].process = start(&args);
+    }
+
+    async fn active(&self) -> Vec<String> {
+        let (status, topology) = self.client.get("/v1/cluster").await;
+        assert_eq!(status, 200, "{topology}");
+        topology["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["state"] == "active")
+            .map(|n| n["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Adds a node on a fresh file (weight 1 to 3), or marks an active one leaving (never below two active).
+    /// Returns the node that leaves, if one does.
+    async fn change(&mut self) -> Option<String> {
+        let active = self.active().await;
+        let add = active.len() <= 2 || (active.len() < 5 && self.rng.below(2) == 0);
+        if add {
+            let id = format!("n{}", self.next_id);
+            self.next_id += 1;
+            let process = start(&node_args(self.dir.path(), &id, "127.0.0.1:0"));
+            let weight = 1 + self.rng.below(3);
+            eprintln!("chaos: add {id}, weight {weight}");
+            let (status, body) = self
+                .client
+                .post(
+                    "/v1/cluster/nodes",
+                    json!({ "id": id, "url": process.url, "weight": weight }),
+                )
+                .await;
+            assert_eq!(status, 201, "adding {id}: {body}");
+            self.nodes.push(Node { id, process });
+            None
+        } else {
+            let id = active[self.rng.below(active.len() as u64) as usize].clone();
+            eprintln!("chaos: remove {id}");
+            let (status, body) = self.client.delete(&format!("/v1/cluster/nodes/{id}")).await;
+            assert_eq!(status, 202, "removing {id}: {body}");
+            Some(id)
+        }
+    }
+
+    fn pick_fault(&mut self) -> Fault {
+        let node = self.rng.below(self.nodes.len() as u64) as usize;
+        match self.rng.below(8) {
+            0 => Fault::Nothing,
+            1..=3 => Fault::Proxy,
+            4..=6 => Fault::Node(node),
+            _ => Fault::Both(node),
+        }
+    }
+
+    /// One round: a change, a job, a fault at a random moment (and perhaps a cancel), and the
+    /// checks once the job is done.
+    async fn round(&mut self, round: u64) {
+        let leaving = self.change().await;
+        let fault = self.pick_fault();
+        let fault_after =
+            Duration::from_millis(self.rng.below(self.shortest_job.as_millis().max(1) as u64));
+        let down_for = Duration::from_millis(self.rng.below(600));
+        let cancel_after = (self.rng.below(4) == 0).then(|| {
+            Duration::from_millis(self.rng.below(self.shortest_job.as_millis().max(1) as u64))
+        });
+        eprintln!(
+            "chaos: round {round}: {fault:?} after {fault_after:?}, down for {down_for:?}, \
+             cancel after {cancel_after:?}"
+        );
+        let (status, body) = self.client.post("/v1/cluster/rebalance", Value::Null).await;
+        assert_eq!(status, 202, "starting the rebalance: {body}");
+        let started = std::time::Instant::now();
+
+        // A cancel after the fault is asked once the proxy is back.
+        let cancel_first = cancel_after.filter(|&c| c < fault_after);
+        if let Some(c) = cancel_first {
+            tokio::time::sleep(c).await;
+            self.cancel().await;
+        }
+        tokio::time::sleep(fault_after - cancel_first.unwrap_or_default()).await;
+        let (_, at) = self.client.get("/v1/cluster/rebalance").await;
+        eprintln!(
+            "chaos: the fault lands with the job {} {}",
+            at["state"], at["phase"]
+        );
+        let node = match fault {
+            Fault::Nothing => None,
+            Fault::Proxy => {
+                self.proxy.kill();
+                None
+            }
+            Fault::Node(i) => {
+                self.nodes[i].process.kill();
+                Some(i)
+            }
+            Fault::Both(i) => {
+                self.proxy.kill();
+                self.nodes[i].process.kill();
+                Some(i)
+            }
+        };
+        if let Some(i) = node {
+            eprintln!("chaos: killed {}", self.nodes[i].id);
+        }
+        tokio::time::sleep(down_for).await;
+        if matches!(fault, Fault::Proxy | Fault::Both(_)) {
+            self.restart_proxy();
+        }
+        if let Some(i) = node {
+            self.restart_node(i);
+        }
+        if let Some(c) = cancel_after.filter(|&c| c >= fault_after) {
+            tokio::time::sleep((c - fault_after).saturating_sub(down_for)).await;
+            self.cancel().await;
+        }
+
+        let mut job = wait_for_rebalance(&self.client, Duration::from_secs(120)).await;
+        if job["state"] == "done" {
+            // A cancelled job is short for a reason of its own; a faulted one is long.
+            self.shortest_job = self.shortest_job.min(started.elapsed());
+        }
+        if job["state"] == "failed"
+            && job["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("cancelled"))
+        {
+            eprintln!("chaos: the job was cancelled; starting it again");
+            let (status, body) = self.client.post("/v1/cluster/rebalance", Value::Null).await;
+            assert_eq!(status, 202, "starting the rebalance again: {body}");
+            job = wait_for_rebalance(&self.client, Duration::from_secs(120)).await;
+        }
+        assert_eq!(job["state"], "done", "round {round}: {job}");
+        self.check_round(round, leaving).await;
+    }
+
+    /// `DELETE /v1/cluster/rebalance`: refused (409) once the job switched or ended; the round
+    /// goes on either way.
+    async fn cancel(&self) {
+        let (status, body) = self.client.delete("/v1/cluster/rebalance").await;
+        eprintln!("chaos: cancel answered {status}: {body}");
+    }
+
+    async fn check_round(&mut self, round: u64, leaving: Option<String>) {
+        assert_verified(&self.client).await;
+        let (_, topology) = self.client.get("/v1/cluster").await;
+        for n in topology["nodes"].as_array().unwrap() {
+            assert_eq!(
+                n["state"], "active",
+                "round {round}: every node is active after the job: {topology}"
+            );
+        }
+        if let Some(id) = leaving {
+            assert_eq!(
+                member_state(&self.client, &id).await,
+                None,
+                "round {round}: {id} left the topology"
+            );
+            let kept = keys_in_file(&self.dir.path().join(format!("{id}.db")), "users");
+            assert!(
+                kept.is_empty(),
+                "round {round}: {id} keeps {} rows",
+                kept.len()
+            );
+            let i = self.nodes.iter().position(|n| n.id == id).unwrap();
+            let gone = self.nodes.remove(i);
+            assert_eq!(
+                transfer_leftovers(&self.dir.path().join(format!("{}.db", gone.id))),
+                (0, 0),
+                "round {round}: {id} keeps no capture, log or fence"
+            );
+        }
+        for n in &self.nodes {
+            assert_eq!(
+                transfer_leftovers(&self.dir.path().join(format!("{}.db", n.id))),
+                (0, 0),
+                "round {round}: {} keeps no capture, log or fence",
+                n.id
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_and_cancels_across_rebalances_lose_nothing() {
+    let seed = std::env::var("SHARDLITE_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let rounds = std::env::var("SHARDLITE_CHAOS_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_ROUNDS);
+    eprintln!(
+        "chaos seed: {seed} (SHARDLITE_CHAOS_SEED={seed} replays its actions), {rounds} rounds"
+    );
+    let mut chaos = Chaos::start(seed).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut keys = Vec::new();
+    let mut writers = Vec::new();
+    for w in 0..3u64 {
+        let own: Vec<String> = (0..30).map(|i| format!("w{w}-{i}")).collect();
+        keys.extend(own.clone());
+        writers.push(tokio::spawn(history::write_until(
+            chaos.client.clone(),
+            "users",
+            own,
+            seed.wrapping_add(w),
+            stop.clone(),
+        )));
+    }
+    for round in 1..=rounds {
+        chaos.round(round).await;
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    let mut logs: Vec<WriterLog> = Vec::new();
+    for w in writers {
+        logs.push(w.await.unwrap());
+    }
+    let acked = logs
+        .iter()
+        .flat_map(|l| &l.ops)
+        .filter(|op| matches!(op.outcome, history::Outcome::Acked))
+        .count();
+    assert!(acked > 0, "the writers got nothing acknowledged");
+    let state = history::final_state(&chaos.client, "users", &keys).await;
+    let mut violations = history::check(&logs, &state);
+    for log in &logs {
+        violations.extend(log.stale_reads.iter().cloned());
+    }
+    assert!(
+        violations.is_empty(),
+        "seed {seed}: history violations:\n{}",
+        violations.join("\n")
+    );
+    let report = assert_verified(&chaos.client).await;
+    let writer_rows = state.values().filter(|v| v.is_some()).count() as u64;
+    assert_eq!(
+        report["rows_total"].as_u64().unwrap(),
+        ROWS as u64 + writer_rows,
+        "seed {seed}: no row lost or doubled: {report}"
+    );
+}
