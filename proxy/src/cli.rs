@@ -922,8 +922,72 @@ async fn follow(
     quiet: bool,
 ) -> anyhow::Result<RebalanceStatus> {
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout()) && !quiet;
-    let bar = terminal.then(|| {
-        // Hidden until it knows the job's size: a bar of length 0 is drawn full.
+    let mut bar = terminal.then(|| JobBar::new(indicatif::ProgressDrawTarget::stderr()));
+    let mut lines = PlainLines::default();
+    loop {
+        let status: RebalanceStatus = client
+            .json(Method::GET, "/v1/cluster/rebalance", None)
+            .await?;
+        if let Some(bar) = &mut bar {
+            bar.show(&status);
+        } else if !quiet {
+            let line = plain_line(&status);
+            if lines.due(&line, std::time::Instant::now()) {
+                writeln!(out, "{line}")?;
+            }
+        }
+        if status.state != "running" {
+            if let Some(bar) = bar {
+                bar.finish();
+            }
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A job's phase as the API names it (`copy`, `fenced`, `committed`), or "".
+fn phase_name(status: &RebalanceStatus) -> String {
+    status
+        .phase
+        .map(|p| format!("{p:?}").to_lowercase())
+        .unwrap_or_default()
+}
+
+/// A progress line for a job followed without a terminal.
+fn plain_line(status: &RebalanceStatus) -> String {
+    format!(
+        "{}: {} of {} rows moved ({}){}{}",
+        status.state,
+        status.rows_moved,
+        status.rows_to_move,
+        phase_name(status),
+        if status.phase == Some(Phase::Committed) {
+            format!(", {} old copies deleted", status.rows_cleaned.unwrap_or(0))
+        } else {
+            String::new()
+        },
+        status
+            .error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    )
+}
+
+/// The progress bar of a followed job: rows moved of the total until the switch, then, started
+/// over, the old copies the clean-up deletes.
+struct JobBar {
+    bar: indicatif::ProgressBar,
+    /// Where the bar is drawn once it knows the job's size: hidden until then, since a bar of
+    /// length 0 is drawn full.
+    target: Option<indicatif::ProgressDrawTarget>,
+    /// The last status shown was after the switch.
+    cleaning: bool,
+}
+
+impl JobBar {
+    fn new(target: indicatif::ProgressDrawTarget) -> JobBar {
         let bar = indicatif::ProgressBar::hidden();
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -933,68 +997,45 @@ async fn follow(
             .with_key("rate", rate_key)
             .with_key("left", left_key),
         );
-        bar
-    });
-    let mut lines = PlainLines::default();
-    // After the switch the bar starts over, counting the old copies the clean-up deletes.
-    let mut cleaning = false;
-    loop {
-        let status: RebalanceStatus = client
-            .json(Method::GET, "/v1/cluster/rebalance", None)
-            .await?;
-        let phase = status
-            .phase
-            .map(|p| format!("{p:?}").to_lowercase())
-            .unwrap_or_default();
+        JobBar {
+            bar,
+            target: Some(target),
+            cleaning: false,
+        }
+    }
+
+    fn show(&mut self, status: &RebalanceStatus) {
         let committed = status.phase == Some(Phase::Committed);
-        let cleaned = status.rows_cleaned.unwrap_or(0);
-        if let Some(bar) = &bar {
-            let (done, label) = if committed {
-                (cleaned, "old copies deleted (clean-up)".to_owned())
-            } else {
-                (status.rows_moved, format!("rows moved ({phase})"))
-            };
-            bar.set_message(match &status.error {
-                Some(e) => format!("{label}: {e}"),
-                None => label,
-            });
-            if committed && !cleaning {
-                bar.reset();
-            }
-            bar.set_length(status.rows_to_move.max(status.rows_moved).max(done));
-            bar.set_position(done);
-            if bar.is_hidden() {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-            }
-        } else if !quiet {
-            let line = format!(
-                "{}: {} of {} rows moved ({phase}){}{}",
-                status.state,
+        let (done, label) = if committed {
+            (
+                status.rows_cleaned.unwrap_or(0),
+                "old copies deleted (clean-up)".to_owned(),
+            )
+        } else {
+            (
                 status.rows_moved,
-                status.rows_to_move,
-                if committed {
-                    format!(", {cleaned} old copies deleted")
-                } else {
-                    String::new()
-                },
-                status
-                    .error
-                    .as_deref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            );
-            if lines.due(&line, std::time::Instant::now()) {
-                writeln!(out, "{line}")?;
-            }
+                format!("rows moved ({})", phase_name(status)),
+            )
+        };
+        self.bar.set_message(match &status.error {
+            Some(e) => format!("{label}: {e}"),
+            None => label,
+        });
+        if committed && !self.cleaning {
+            self.bar.reset();
         }
-        cleaning = committed;
-        if status.state != "running" {
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
-            return Ok(status);
+        self.bar
+            .set_length(status.rows_to_move.max(status.rows_moved).max(done));
+        if let Some(target) = self.target.take() {
+            // The size is known now; the position below draws the first frame.
+            self.bar.set_draw_target(target);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.bar.set_position(done);
+        self.cleaning = committed;
+    }
+
+    fn finish(self) {
+        self.bar.finish_and_clear();
     }
 }
 
@@ -1104,6 +1145,93 @@ mod tests {
         assert!(!lines.due("copy 5", at(10_999)));
         assert!(lines.due("copy 5", at(11_000)), "but is, every 10 s");
         assert!(lines.due("copy 9", at(12_000)));
+    }
+
+    fn job(phase: Phase, moved: u64, cleaned: Option<u64>) -> RebalanceStatus {
+        RebalanceStatus {
+            state: "running".into(),
+            rows_moved: moved,
+            rows_to_move: 10_000,
+            phase: Some(phase),
+            rows_cleaned: cleaned,
+            ..RebalanceStatus::idle()
+        }
+    }
+
+    /// The bar as a terminal shows it: drawn into indicatif's in-memory terminal.
+    #[test]
+    fn the_bar_waits_for_a_size_and_a_rate_and_starts_over_at_the_switch() {
+        let term = indicatif::InMemoryTerm::new(2, 120);
+        let mut bar = JobBar::new(indicatif::ProgressDrawTarget::term_like_with_hz(
+            Box::new(term.clone()),
+            100,
+        ));
+        assert_eq!(
+            term.contents(),
+            "",
+            "nothing is drawn before the first status"
+        );
+
+        bar.show(&job(Phase::Copy, 0, None));
+        let first = term.contents();
+        assert!(first.contains(" 0/10000 rows moved (copy)"), "{first}");
+        assert!(first.contains("- rows/s  ETA -"), "no rate yet: {first}");
+
+        std::thread::sleep(Duration::from_millis(1_100));
+        bar.show(&job(Phase::Copy, 5_000, None));
+        let copying = term.contents();
+        assert!(
+            copying.contains(" 5000/10000 rows moved (copy)"),
+            "{copying}"
+        );
+        let rate = copying
+            .split("rows/s")
+            .next()
+            .and_then(|head| head.split_whitespace().last())
+            .unwrap_or_default();
+        assert!(
+            rate.parse::<u64>().is_ok_and(|r| r > 0),
+            "a rate in whole rows per second once a second has passed: {copying}"
+        );
+        assert!(!copying.contains("ETA -"), "{copying}");
+
+        // The switch: the bar starts over for the clean-up, with no rate from the copy's
+        // clock (it once read hundreds of millions of rows per second here).
+        bar.show(&job(Phase::Committed, 10_000, Some(300)));
+        let cleaning = term.contents();
+        assert!(
+            cleaning.contains(" 300/10000 old copies deleted (clean-up)"),
+            "{cleaning}"
+        );
+        assert!(cleaning.contains("- rows/s  ETA -"), "{cleaning}");
+
+        bar.show(&RebalanceStatus {
+            error: Some("retrying: node n2 is unavailable".into()),
+            ..job(Phase::Committed, 10_000, Some(400))
+        });
+        let retrying = term.contents();
+        assert!(
+            retrying.contains("old copies deleted (clean-up): retrying: node n2 is unavailable"),
+            "{retrying}"
+        );
+        bar.finish();
+        assert_eq!(term.contents(), "", "the bar is cleared at the end");
+    }
+
+    #[test]
+    fn a_plain_progress_line_says_the_phase_and_the_clean_up() {
+        assert_eq!(
+            plain_line(&job(Phase::Copy, 2_500, None)),
+            "running: 2500 of 10000 rows moved (copy)"
+        );
+        assert_eq!(
+            plain_line(&RebalanceStatus {
+                error: Some("retrying: node n2 is unavailable".into()),
+                ..job(Phase::Committed, 10_000, Some(700))
+            }),
+            "running: 10000 of 10000 rows moved (committed), 700 old copies deleted: \
+             retrying: node n2 is unavailable"
+        );
     }
 
     #[test]
