@@ -1,8 +1,9 @@
 //! Guarantees 2 and 4 under faults at moments no one chose: rounds of adding and removing
 //! nodes while writers run, each job hit at a random moment by `kill -9` of the proxy or of a
-//! node (sometimes both, sometimes also a cancel), with random downtimes. The phased fault
-//! tests (`rebalance_faults.rs`) each stop one chosen step; this one lands between steps too,
-//! and on clusters that earlier jobs, kills and cancels have left behind.
+//! node (sometimes both), or by a node's pause (SIGSTOP), for a random time, and sometimes by a
+//! cancel too. The phased fault tests (`rebalance_faults.rs`) each stop one chosen step; this
+//! one lands between steps too, and on clusters that earlier jobs, kills and cancels have left
+//! behind.
 //!
 //! Every round must end with the job done (a cancelled one is started again), `verify` clean,
 //! no capture, change log or fence left on any node, and a node that left holding no row; at
@@ -60,6 +61,15 @@ fn node_args(dir: &Path, id: &str, listen: &str) -> Vec<String> {
     ]
 }
 
+/// Sends `kill -SIG` to a node or proxy process.
+fn signal(process: &Spawned, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &process.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{sig}");
+}
+
 fn start(args: &[String]) -> Spawned {
     Spawned::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
@@ -73,6 +83,9 @@ enum Fault {
     Node(usize),
     /// The proxy and a node at once.
     Both(usize),
+    /// A node stopped (SIGSTOP) and continued: alive, but answering nothing meanwhile, as in
+    /// a long pause of its machine.
+    Pause(usize),
 }
 
 impl Chaos {
@@ -179,11 +192,12 @@ impl Chaos {
 
     fn pick_fault(&mut self) -> Fault {
         let node = self.rng.below(self.nodes.len() as u64) as usize;
-        match self.rng.below(8) {
+        match self.rng.below(10) {
             0 => Fault::Nothing,
             1..=3 => Fault::Proxy,
             4..=6 => Fault::Node(node),
-            _ => Fault::Both(node),
+            7 => Fault::Both(node),
+            _ => Fault::Pause(node),
         }
     }
 
@@ -220,6 +234,11 @@ impl Chaos {
         );
         let node = match fault {
             Fault::Nothing => None,
+            Fault::Pause(i) => {
+                signal(&self.nodes[i].process, "STOP");
+                eprintln!("chaos: paused {}", self.nodes[i].id);
+                None
+            }
             Fault::Proxy => {
                 self.proxy.kill();
                 None
@@ -238,6 +257,9 @@ impl Chaos {
             eprintln!("chaos: killed {}", self.nodes[i].id);
         }
         tokio::time::sleep(down_for).await;
+        if let Fault::Pause(i) = fault {
+            signal(&self.nodes[i].process, "CONT");
+        }
         if matches!(fault, Fault::Proxy | Fault::Both(_)) {
             self.restart_proxy();
         }
