@@ -26,7 +26,7 @@ pub fn router() -> Router<ProxyState> {
         .route("/v1/cluster/nodes", get(list_nodes).post(add_node))
         .route(
             "/v1/cluster/nodes/{id}",
-            delete(remove_node).patch(set_node_url),
+            delete(remove_node).patch(patch_node),
         )
         .route(
             "/v1/cluster/rebalance",
@@ -393,12 +393,7 @@ async fn add_node(
 ) -> ProxyResult<Response> {
     cluster::validate_id(&request.id)?;
     let url = cluster::normalize_url(&request.url)?;
-    let weight = request.weight.unwrap_or(1);
-    if weight == 0 || weight > 1000 {
-        return Err(ProxyError::BadRequest(format!(
-            "weight must be 1 to 1000, not {weight}"
-        )));
-    }
+    let weight = check_weight(request.weight.unwrap_or(1))?;
     let _job = state.jobs().begin(format!("adding node {}", request.id))?;
     let topology = state.cluster().topology();
     if let Some(existing) = topology.node(&request.id) {
@@ -420,6 +415,7 @@ async fn add_node(
         url,
         state: MemberState::Joining,
         weight,
+        next_weight: None,
     };
     state
         .upstream()
@@ -448,6 +444,16 @@ async fn add_node(
         })),
     )
         .into_response())
+}
+
+/// A node's weight: 1 to 1000.
+fn check_weight(weight: u32) -> ProxyResult<u32> {
+    if weight == 0 || weight > 1000 {
+        return Err(ProxyError::BadRequest(format!(
+            "weight must be 1 to 1000, not {weight}"
+        )));
+    }
+    Ok(weight)
 }
 
 /// A node joins empty, as Redis Cluster's `add-node` insists: no rebalance moves rows off a
@@ -540,10 +546,11 @@ async fn remove_node(
 
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
-struct SetUrlRequest {
-    url: String,
+struct PatchNodeRequest {
+    url: Option<String>,
     #[serde(default)]
     force: bool,
+    weight: Option<u32>,
 }
 
 /// What a node says it is (`GET /v1/identity` on the node).
@@ -552,23 +559,102 @@ struct NodeIdentity {
     node: Option<String>,
 }
 
-/// `PATCH /v1/cluster/nodes/{id}` `{"url", "force"?}`: the node now listens elsewhere. Only the
-/// address changes (ownership, state and the epoch stay), and only to a node that says it is
-/// `id`, or, with `force`, one never claimed as any node; a node that is another member
-/// answers 421, which fails the call as a 503 naming it. Not while a job runs.
-async fn set_node_url(
+/// `PATCH /v1/cluster/nodes/{id}` `{"url"?, "force"?, "weight"?}`: a new address
+/// ([`set_node_url`]), a new weight ([`set_node_weight`]), or both. Everything is checked
+/// before anything changes; not while a job runs.
+async fn patch_node(
     State(state): State<ProxyState>,
     path: Result<Path<String>, PathRejection>,
-    JsonBody(request): JsonBody<SetUrlRequest>,
+    JsonBody(request): JsonBody<PatchNodeRequest>,
 ) -> ProxyResult<Response> {
     let Path(id) = path?;
-    let url = cluster::normalize_url(&request.url)?;
-    let _job = state.jobs().begin(format!("moving node {id}"))?;
+    let url = request
+        .url
+        .as_deref()
+        .map(cluster::normalize_url)
+        .transpose()?;
+    let weight = request.weight.map(check_weight).transpose()?;
+    match (&url, weight) {
+        (None, None) => {
+            return Err(ProxyError::BadRequest(
+                "give the node's new \"url\" or \"weight\" (or both)".into(),
+            ));
+        }
+        (None, Some(_)) if request.force => {
+            return Err(ProxyError::BadRequest(
+                "\"force\" only goes with a new \"url\"".into(),
+            ));
+        }
+        _ => {}
+    }
+    let _job = state.jobs().begin(format!("changing node {id}"))?;
     let topology = state.cluster().topology();
     let node = topology
         .node(&id)
         .ok_or_else(|| ProxyError::NotFound(format!("no node {id}")))?
         .clone();
+    if let Some(weight) = weight {
+        weight_change(&node, weight)?;
+    }
+    if let Some(url) = url {
+        set_node_url(&state, &topology, &node, &url, request.force).await?;
+    }
+    if let Some(weight) = weight {
+        set_node_weight(&state, &node, weight)?;
+    }
+    let node = state
+        .cluster()
+        .topology()
+        .node(&id)
+        .cloned()
+        .ok_or_else(|| ProxyError::NotFound(format!("no node {id}")))?;
+    Ok(Json(node).into_response())
+}
+
+/// What setting `weight` on `node` records: `(weight, next_weight)`. A joining node owns
+/// nothing yet, so its weight changes at once; an active node's waits for the next rebalance,
+/// which moves the rows it gains or loses (the same weight again drops a pending change); a
+/// leaving node's no longer matters.
+fn weight_change(node: &NodeInfo, weight: u32) -> ProxyResult<(u32, Option<u32>)> {
+    match node.state {
+        MemberState::Joining => Ok((weight, None)),
+        MemberState::Active => Ok((node.weight, (weight != node.weight).then_some(weight))),
+        MemberState::Leaving => Err(ProxyError::Conflict(format!(
+            "{} is leaving: the next rebalance moves all its rows away, whatever its weight",
+            node.id
+        ))),
+    }
+}
+
+/// Records a node's new weight (see [`weight_change`]); the plan of the next rebalance
+/// changes, so the epoch moves on.
+fn set_node_weight(state: &ProxyState, node: &NodeInfo, weight: u32) -> ProxyResult<()> {
+    let (now, next) = weight_change(node, weight)?;
+    if (now, next) == (node.weight, node.next_weight) {
+        return Ok(());
+    }
+    state.cluster().update(|tx| {
+        tx.execute(
+            "UPDATE nodes SET weight = ?2, next_weight = ?3 WHERE id = ?1",
+            rusqlite::params![node.id, now, next],
+        )?;
+        bump_epoch(tx)
+    })?;
+    tracing::info!(node = %node.id, weight = now, next_weight = ?next, "node weight set");
+    Ok(())
+}
+
+/// The node now listens at `url`. Only the address changes (ownership, state and the epoch
+/// stay), and only to a node that says it is `id`, or, with `force`, one never claimed as any
+/// node; a node that is another member answers 421, which fails the call as a 503 naming it.
+async fn set_node_url(
+    state: &ProxyState,
+    topology: &Topology,
+    node: &NodeInfo,
+    url: &str,
+    force: bool,
+) -> ProxyResult<()> {
+    let id = node.id.as_str();
     // Another member recorded at this address is only wrong if the node there says it is
     // `id` (addresses swapped: set each right in turn); a never-claimed node there is that
     // member's, as far as anyone knows.
@@ -576,9 +662,9 @@ async fn set_node_url(
     if node.url != url {
         let there: NodeIdentity = state
             .upstream()
-            .call(&id, Method::GET, &url, "/v1/identity", None)
+            .call(id, Method::GET, url, "/v1/identity", None)
             .await?
-            .json(&id)?;
+            .json(id)?;
         match there.node {
             Some(claimed) if claimed == id => {
                 if let Some(other) = other {
@@ -591,7 +677,7 @@ async fn set_node_url(
                     other.map_or("?", |o| o.id.as_str())
                 )));
             }
-            None if request.force => {}
+            None if force => {}
             None => {
                 return Err(ProxyError::Conflict(format!(
                     "the node at {url} has never served as {id}, nor as any node: a fresh file \
@@ -606,16 +692,10 @@ async fn set_node_url(
                 )));
             }
         }
-        state.cluster().set_urls(&[(&id, &url)])?;
+        state.cluster().set_urls(&[(id, url)])?;
         tracing::info!(node = %id, from = %node.url, to = %url, "node address changed");
     }
-    Ok(Json(json!({
-        "id": id,
-        "url": url,
-        "state": node.state,
-        "weight": node.weight,
-    }))
-    .into_response())
+    Ok(())
 }
 
 /// `?dry_run=true`, or the same in a JSON body (`{"dry_run": true}`).
@@ -694,6 +774,29 @@ async fn start_rebalance(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A joining node's weight changes at once, an active node's is pending (the same weight
+    /// again drops the pending change), a leaving node's is refused.
+    #[test]
+    fn a_weight_change_waits_for_the_rebalance_only_where_rows_move() {
+        let joining = NodeInfo::test("j", MemberState::Joining);
+        assert_eq!(weight_change(&joining, 4).unwrap(), (4, None));
+        let active = NodeInfo {
+            weight: 2,
+            next_weight: Some(5),
+            ..NodeInfo::test("a", MemberState::Active)
+        };
+        assert_eq!(weight_change(&active, 3).unwrap(), (2, Some(3)));
+        assert_eq!(weight_change(&active, 2).unwrap(), (2, None));
+        let leaving = NodeInfo::test("l", MemberState::Leaving);
+        assert!(matches!(
+            weight_change(&leaving, 3),
+            Err(ProxyError::Conflict(_))
+        ));
+        assert!(matches!(check_weight(0), Err(ProxyError::BadRequest(_))));
+        assert!(matches!(check_weight(1001), Err(ProxyError::BadRequest(_))));
+        assert_eq!(check_weight(1000).unwrap(), 1000);
+    }
 
     fn report(misplaced: &[(&str, u64)]) -> VerifyResponse {
         VerifyResponse {

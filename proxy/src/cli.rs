@@ -7,7 +7,7 @@
 //! went wrong and how to mend it, and a non-zero exit.
 
 use crate::admin::{ClusterResponse, StatusResponse, VerifyResponse};
-use crate::cluster::NodeInfo;
+use crate::cluster::{MemberState, NodeInfo};
 use crate::error::node_error_message;
 use crate::migrate::{MigrateRequest, MigrateResponse, MigrationStatus};
 use crate::rebalance::{DryRun, Phase, RebalanceStatus};
@@ -228,6 +228,15 @@ pub enum NodesCommand {
     /// Mark a node `leaving`: the next rebalance drains it, then it leaves the topology.
     Remove {
         id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Change a node's share of the ring. A joining node's weight changes at once; an active
+    /// node's at the next `shardlite rebalance`, which moves the rows it gains or loses.
+    SetWeight {
+        id: String,
+        /// 1 to 1000, relative to the other nodes' weights.
+        weight: u32,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -536,7 +545,7 @@ async fn status(args: AdminArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode
             } else {
                 format!("{} (down)", n.node.state.as_str())
             },
-            n.node.weight.to_string(),
+            weight_cell(&n.node),
             format!("{:.1}%", n.share * 100.0),
             n.rows.map_or("?".into(), |r| r.to_string()),
             n.bytes.map_or("?".into(), human_bytes),
@@ -729,6 +738,42 @@ async fn nodes(command: NodesCommand, out: &mut dyn Write) -> anyhow::Result<Exi
                 )?;
             }
         }
+        NodesCommand::SetWeight { id, weight, admin } => {
+            let client = AdminClient::new(&admin)?;
+            let node: NodeInfo = client
+                .json(
+                    Method::PATCH,
+                    &format!("/v1/cluster/nodes/{id}"),
+                    Some(serde_json::to_vec(
+                        &serde_json::json!({ "weight": weight }),
+                    )?),
+                )
+                .await
+                .with_context(|| format!("cannot set node {id}'s weight"))?;
+            if admin.json {
+                print_json(out, &node)?;
+            } else if let Some(next) = node.next_weight {
+                writeln!(
+                    out,
+                    "node {id} goes from weight {} to {next} at the next `shardlite rebalance`, \
+                     which moves the rows it gains or loses (`shardlite rebalance --dry-run` \
+                     counts them)",
+                    node.weight
+                )?;
+            } else if node.state == MemberState::Joining {
+                writeln!(
+                    out,
+                    "node {id} has weight {}; it owns nothing until `shardlite rebalance`",
+                    node.weight
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "node {id} has weight {}; no change is pending",
+                    node.weight
+                )?;
+            }
+        }
         NodesCommand::SetUrl {
             id,
             url,
@@ -766,11 +811,19 @@ fn node_table(nodes: &[NodeInfo]) -> String {
         rows.push(vec![
             n.id.clone(),
             n.state.as_str().to_owned(),
-            n.weight.to_string(),
+            weight_cell(n),
             n.url.clone(),
         ]);
     }
     table(&rows)
+}
+
+/// A node's weight, and the one the next rebalance gives it: `1 -> 3`.
+fn weight_cell(node: &NodeInfo) -> String {
+    match node.next_weight {
+        Some(next) => format!("{} -> {next}", node.weight),
+        None => node.weight.to_string(),
+    }
 }
 
 async fn rebalance(args: RebalanceArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
@@ -782,11 +835,15 @@ async fn rebalance(args: RebalanceArgs, out: &mut dyn Write) -> anyhow::Result<E
         if args.admin.json {
             print_json(out, &plan)?;
         } else {
-            if plan.moves.is_empty() && plan.joining.is_empty() && plan.leaving.is_empty() {
+            if plan.moves.is_empty()
+                && plan.joining.is_empty()
+                && plan.leaving.is_empty()
+                && plan.weights.is_empty()
+            {
                 writeln!(
                     out,
-                    "nothing would move: no node is joining or leaving, so the ring stays as \
-                     it is ({} rows); nothing was changed",
+                    "nothing would move: no node is joining or leaving and no weight changes, \
+                     so the ring stays as it is ({} rows); nothing was changed",
                     plan.rows_total
                 )?;
                 return Ok(ExitCode::SUCCESS);
@@ -796,9 +853,14 @@ async fn rebalance(args: RebalanceArgs, out: &mut dyn Write) -> anyhow::Result<E
                 rows.push(vec![m.from.clone(), m.to.clone(), m.rows.to_string()]);
             }
             write!(out, "{}", table(&rows))?;
+            let weights: Vec<String> = plan
+                .weights
+                .iter()
+                .map(|w| format!("{} {} -> {}", w.id, w.weight, w.next_weight))
+                .collect();
             writeln!(
                 out,
-                "{} of {} rows would move{}{}; nothing was changed",
+                "{} of {} rows would move{}{}{}; nothing was changed",
                 plan.rows_to_move,
                 plan.rows_total,
                 if plan.joining.is_empty() {
@@ -810,6 +872,11 @@ async fn rebalance(args: RebalanceArgs, out: &mut dyn Write) -> anyhow::Result<E
                     String::new()
                 } else {
                     format!("; leaving: {}", plan.leaving.join(", "))
+                },
+                if weights.is_empty() {
+                    String::new()
+                } else {
+                    format!("; weights: {}", weights.join(", "))
                 },
             )?;
         }

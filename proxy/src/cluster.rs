@@ -52,7 +52,12 @@ pub struct NodeInfo {
     /// Base URL without a trailing slash, e.g. `http://127.0.0.1:7001`.
     pub url: String,
     pub state: MemberState,
+    /// Its share of the ring now, relative to the others.
     pub weight: u32,
+    /// A weight set for an active node, taken by the next rebalance's switch (which moves the
+    /// rows it gains or loses); until then the ring uses `weight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_weight: Option<u32>,
 }
 
 #[cfg(test)]
@@ -64,7 +69,15 @@ impl NodeInfo {
             url: format!("http://{id}"),
             state,
             weight: 1,
+            next_weight: None,
         }
+    }
+}
+
+impl NodeInfo {
+    /// Its weight once the next rebalance is done.
+    pub fn weight_after(&self) -> u32 {
+        self.next_weight.unwrap_or(self.weight)
     }
 }
 
@@ -131,7 +144,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     id TEXT PRIMARY KEY,
     url TEXT NOT NULL,
     state TEXT NOT NULL,
-    weight INTEGER NOT NULL
+    weight INTEGER NOT NULL,
+    next_weight INTEGER
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -155,6 +169,7 @@ impl Cluster {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        add_next_weight(&conn)?;
         let tx = conn.transaction()?;
         let created: Option<String> = tx
             .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
@@ -296,6 +311,20 @@ pub fn bump_epoch(tx: &rusqlite::Transaction<'_>) -> ProxyResult<u64> {
     Ok(epoch.parse().unwrap_or(0))
 }
 
+/// A state file from before weights could change lacks `nodes.next_weight`: add it (NULL, no
+/// change pending). Idempotent.
+fn add_next_weight(conn: &Connection) -> ProxyResult<()> {
+    let has: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('nodes') WHERE name = 'next_weight'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        conn.execute_batch("ALTER TABLE nodes ADD COLUMN next_weight INTEGER")?;
+    }
+    Ok(())
+}
+
 fn load(conn: &Connection) -> ProxyResult<Topology> {
     let meta = |key: &str| -> ProxyResult<u64> {
         let value: String =
@@ -310,7 +339,8 @@ fn load(conn: &Connection) -> ProxyResult<Topology> {
     };
     let epoch = meta("epoch")?;
     let vnodes = meta("vnodes")? as u32;
-    let mut stmt = conn.prepare("SELECT id, url, state, weight FROM nodes ORDER BY id")?;
+    let mut stmt =
+        conn.prepare("SELECT id, url, state, weight, next_weight FROM nodes ORDER BY id")?;
     let nodes = stmt
         .query_map([], |r| {
             let state: String = r.get(2)?;
@@ -319,6 +349,7 @@ fn load(conn: &Connection) -> ProxyResult<Topology> {
                 url: r.get(1)?,
                 state: MemberState::parse(&state).unwrap_or(MemberState::Active),
                 weight: r.get(3)?,
+                next_weight: r.get(4)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -385,6 +416,44 @@ fn seed_changes<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state file written before weights could change has no `nodes.next_weight`: it opens,
+    /// gains the column (no change pending), and a pending weight then survives a reopen.
+    #[test]
+    fn a_state_file_from_before_pending_weights_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 CREATE TABLE nodes (id TEXT PRIMARY KEY, url TEXT NOT NULL,
+                     state TEXT NOT NULL, weight INTEGER NOT NULL);
+                 INSERT INTO meta VALUES ('epoch', '7'), ('vnodes', '16');
+                 INSERT INTO nodes VALUES ('a', 'http://127.0.0.1:1', 'active', 2);",
+            )
+            .unwrap();
+        }
+        let cluster = Cluster::open(&path, &[], 16).unwrap();
+        let a = cluster.topology().node("a").cloned().unwrap();
+        assert_eq!((a.weight, a.next_weight, a.weight_after()), (2, None, 2));
+        assert_eq!(cluster.topology().epoch, 7);
+        cluster
+            .update(|tx| {
+                tx.execute("UPDATE nodes SET next_weight = 5 WHERE id = 'a'", [])?;
+                Ok(())
+            })
+            .unwrap();
+        drop(cluster);
+        let cluster = Cluster::open(&path, &[], 16).unwrap();
+        let a = cluster.topology().node("a").cloned().unwrap();
+        assert_eq!((a.weight, a.next_weight, a.weight_after()), (2, Some(5), 5));
+        assert_eq!(
+            cluster.topology().ring.shares().len(),
+            1,
+            "the ring uses the weight it has now"
+        );
+    }
 
     #[test]
     fn seeds_that_differ_from_an_existing_state_file_are_named() {

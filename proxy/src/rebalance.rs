@@ -269,9 +269,21 @@ pub struct DryRun {
     /// Nodes that become active, and nodes that leave, when the job completes.
     pub joining: Vec<String>,
     pub leaving: Vec<String>,
+    /// Active nodes whose weight changes when the job completes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<WeightChange>,
 }
 
-/// The ring after the job: active and joining nodes, without leaving ones.
+/// An active node's pending weight, in the dry run.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct WeightChange {
+    pub id: String,
+    pub weight: u32,
+    pub next_weight: u32,
+}
+
+/// The ring after the job: active and joining nodes, without leaving ones, each with the
+/// weight it has after the job.
 pub fn next_ring(topology: &Topology) -> ProxyResult<Ring> {
     let members: Vec<Member> = topology
         .nodes
@@ -279,7 +291,7 @@ pub fn next_ring(topology: &Topology) -> ProxyResult<Ring> {
         .filter(|n| n.state != MemberState::Leaving)
         .map(|n| Member {
             id: NodeId::new(n.id.clone()),
-            weight: n.weight,
+            weight: n.weight_after(),
         })
         .collect();
     if members.is_empty() && !topology.ring.is_empty() {
@@ -381,6 +393,17 @@ pub async fn dry_run(state: &ProxyState) -> ProxyResult<DryRun> {
         moves,
         joining: ids_in(&topology, MemberState::Joining),
         leaving: ids_in(&topology, MemberState::Leaving),
+        weights: topology
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                Some(WeightChange {
+                    id: n.id.clone(),
+                    weight: n.weight,
+                    next_weight: n.next_weight?,
+                })
+            })
+            .collect(),
     })
 }
 
@@ -1460,6 +1483,11 @@ fn commit(state: &ProxyState, job: &mut Job) -> ProxyResult<()> {
             "UPDATE nodes SET state = 'active' WHERE state = 'joining'",
             [],
         )?;
+        tx.execute(
+            "UPDATE nodes SET weight = next_weight, next_weight = NULL \
+             WHERE next_weight IS NOT NULL",
+            [],
+        )?;
         bump_epoch(tx)?;
         tx.execute(
             "UPDATE jobs SET state = 'running', body = ?2 WHERE id = ?1",
@@ -2033,6 +2061,51 @@ mod tests {
         assert_eq!(s.target_of(u32::MAX), None);
         assert_eq!(s.targets(), vec!["b", "c"]);
         assert_eq!(s.spans_to("b"), vec![[0, 9], [30, 30]]);
+    }
+
+    /// A pending weight changes only the next ring: a heavier node only receives rows, a
+    /// lighter one only gives them, and no other pair of nodes trades.
+    #[test]
+    fn a_reweighted_node_only_receives_or_only_gives() {
+        for (next_weight, gains) in [(3, true), (1, false)] {
+            let b = NodeInfo {
+                weight: 2,
+                next_weight: Some(next_weight),
+                ..NodeInfo::test("b", MemberState::Active)
+            };
+            let topology = Topology::new(
+                1,
+                64,
+                vec![
+                    NodeInfo::test("a", MemberState::Active),
+                    b,
+                    NodeInfo::test("c", MemberState::Active),
+                ],
+            )
+            .unwrap();
+            let next = next_ring(&topology).unwrap();
+            let share = |ring: &Ring| {
+                ring.shares()
+                    .into_iter()
+                    .find(|(id, _)| id.as_str() == "b")
+                    .map(|(_, s)| s)
+                    .unwrap()
+            };
+            assert!(
+                (share(&next) > share(&topology.ring)) == gains,
+                "b's share follows its next weight"
+            );
+            let planned = sources(&topology, &next);
+            assert!(!planned.is_empty());
+            for s in &planned {
+                if gains {
+                    assert_ne!(s.id, "b");
+                    assert!(s.ranges.iter().all(|r| r.to == "b"), "rows only go to b");
+                } else {
+                    assert_eq!(s.id, "b", "only b gives rows");
+                }
+            }
+        }
     }
 
     #[test]

@@ -116,6 +116,10 @@ impl Client {
         self.call(Method::DELETE, path, None).await
     }
 
+    pub async fn patch(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PATCH, path, Some(body)).await
+    }
+
     /// `GET /v1/tables/{table}/rows/{key}`, the key percent-encoded.
     pub fn row_path(table: &str, key: &str) -> String {
         format!(

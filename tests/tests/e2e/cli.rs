@@ -204,6 +204,54 @@ fn nodes_rebalance_and_verify_commands_drive_a_membership_change() {
     );
     assert_eq!(rows_of(&n4.url), 0, "the leaving node was drained");
 
+    // A heavier n1: pending until the rebalance, which moves rows only to it.
+    let (code, out, err) = shardlite(&["nodes", "set-weight", "n1", "2", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("node n1 goes from weight 1 to 2 at the next `shardlite rebalance`"),
+        "{out}"
+    );
+    let (code, out, err) = shardlite(&["nodes", "list", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    let n1_line = out
+        .lines()
+        .find(|l| l.starts_with("n1 "))
+        .unwrap_or_default();
+    assert!(n1_line.contains("1 -> 2"), "{out}");
+    let (code, out, err) = shardlite(&["rebalance", "--dry-run", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("would move; weights: n1 1 -> 2"), "{out}");
+    let plan = shardlite_json(&["rebalance", "--dry-run", "--proxy", url, "--json"]);
+    for m in plan["moves"].as_array().unwrap() {
+        assert_eq!(m["to"], "n1", "{plan}");
+    }
+    let n1_before = rows_of(&nodes[0].url);
+    let (code, out, err) = shardlite(&["rebalance", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        rows_of(&nodes[0].url),
+        n1_before + plan["rows_to_move"].as_u64().unwrap(),
+        "n1 gained the planned rows"
+    );
+    let listed = shardlite_json(&["nodes", "list", "--proxy", url, "--json"]);
+    let n1 = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "n1")
+        .unwrap();
+    assert_eq!(
+        (&n1["weight"], n1.get("next_weight")),
+        (&json!(2), None),
+        "{listed}"
+    );
+    let (code, out, err) = shardlite(&["nodes", "set-weight", "n1", "2", "--proxy", url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("node n1 has weight 2; no change is pending"),
+        "{out}"
+    );
+
     // A row copied behind the proxy's back onto a node that does not own it: verify says so
     // and exits 1.
     let owner_url = runtime.block_on(async {

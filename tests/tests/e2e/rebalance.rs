@@ -474,3 +474,139 @@ async fn a_joining_node_without_the_schema_fails_the_job_with_what_to_run() {
     assert_verified(&client).await;
     cluster.stop().await;
 }
+
+/// The weight of each node in a `GET /v1/cluster` answer, and its pending one.
+fn weights(cluster: &Value) -> BTreeMap<String, (u64, Option<u64>)> {
+    cluster["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_str().unwrap().to_owned(),
+                (n["weight"].as_u64().unwrap(), n["next_weight"].as_u64()),
+            )
+        })
+        .collect()
+}
+
+/// An active node's weight changes at the next rebalance: raised while writers run, rows move
+/// only to it; lowered again, only from it. Until the job, nothing moves and routing stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reweighting_a_node_moves_rows_only_to_or_from_it() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client.clone();
+    let still = preload(&client).await;
+    let (_, before_cluster) = client.get("/v1/cluster").await;
+
+    // Bad asks change nothing.
+    for (body, status) in [
+        (json!({}), 400),
+        (json!({ "weight": 0 }), 400),
+        (json!({ "weight": 2, "force": true }), 400),
+        (json!({ "weight": "3" }), 400),
+    ] {
+        let (got, answer) = client.patch("/v1/cluster/nodes/n1", body.clone()).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    let (got, answer) = client
+        .patch("/v1/cluster/nodes/n9", json!({ "weight": 2 }))
+        .await;
+    assert_eq!(got, 404, "{answer}");
+    let (_, unchanged) = client.get("/v1/cluster").await;
+    assert_eq!(unchanged["epoch"], before_cluster["epoch"], "{unchanged}");
+
+    let before = placement(&cluster);
+    let writers = start_writers(&client, seed());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, node) = client
+        .patch("/v1/cluster/nodes/n1", json!({ "weight": 3 }))
+        .await;
+    assert_eq!(status, 200, "{node}");
+    assert_eq!(
+        (&node["weight"], &node["next_weight"]),
+        (&json!(1), &json!(3))
+    );
+    let (_, pending) = client.get("/v1/cluster").await;
+    assert_eq!(weights(&pending)["n1"], (1, Some(3)), "{pending}");
+    assert_verified(&client).await;
+    let pending_placement = placement(&cluster);
+    for key in &still {
+        assert_eq!(
+            pending_placement[key], before[key],
+            "{key}: nothing moves before the job"
+        );
+    }
+
+    let (status, plan) = client
+        .post("/v1/cluster/rebalance?dry_run=true", Value::Null)
+        .await;
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(
+        plan["weights"],
+        json!([{ "id": "n1", "weight": 1, "next_weight": 3 }]),
+        "{plan}"
+    );
+    let moves = plan["moves"].as_array().unwrap();
+    assert!(!moves.is_empty(), "{plan}");
+    assert!(moves.iter().all(|m| m["to"] == "n1"), "{plan}");
+
+    let done = rebalance_and_wait(&client).await;
+    assert_eq!(done["state"], "done", "{done}");
+    let (logs, violations) = writers.finish(&client).await;
+    assert!(
+        violations.is_empty(),
+        "history violations:\n{}",
+        violations.join("\n")
+    );
+    let (ops, errors, _) = report(&logs);
+    assert!(ops > 100, "the writers ran during the job ({ops} ops)");
+    assert!(
+        (errors as f64) < ops as f64 * 0.01,
+        "{errors} errors in {ops} ops"
+    );
+    let (_, raised) = client.get("/v1/cluster").await;
+    assert_eq!(weights(&raised)["n1"], (3, None), "{raised}");
+    let (old_ring, new_ring) = (ring_of(&before_cluster), ring_of(&raised));
+    let after = placement(&cluster);
+    let moved = assert_minimal_movement(&before, &after, &old_ring, &new_ring, &still);
+    for key in &still {
+        if old_ring.lookup(key) != new_ring.lookup(key) {
+            assert_eq!(new_ring.lookup(key).unwrap().as_str(), "n1", "{key}");
+        }
+    }
+    // n1 goes from a third of the ring to three fifths.
+    let fraction = moved as f64 / still.len() as f64;
+    assert!(
+        (0.15..0.40).contains(&fraction),
+        "about a quarter moved, got {fraction}"
+    );
+    assert_verified(&client).await;
+
+    // Lowered again: rows only leave n1, and the ring is the first one again.
+    let (status, node) = client
+        .patch("/v1/cluster/nodes/n1", json!({ "weight": 1 }))
+        .await;
+    assert_eq!(status, 200, "{node}");
+    let done = rebalance_and_wait(&client).await;
+    assert_eq!(done["state"], "done", "{done}");
+    let (_, lowered) = client.get("/v1/cluster").await;
+    assert_eq!(weights(&lowered)["n1"], (1, None), "{lowered}");
+    let back = placement(&cluster);
+    assert_minimal_movement(&after, &back, &new_ring, &ring_of(&lowered), &still);
+    for key in &still {
+        assert_eq!(back[key], before[key], "{key} is back where it was");
+    }
+    let report = assert_verified(&client).await;
+    assert!(report["rows_total"].as_u64().unwrap() >= still.len() as u64);
+    for node in &cluster.nodes {
+        assert_eq!(
+            transfer_leftovers(&node.db),
+            (0, 0),
+            "no capture or fence left on {}",
+            node.id
+        );
+    }
+    cluster.stop().await;
+}
