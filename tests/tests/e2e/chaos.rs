@@ -1,15 +1,15 @@
-//! Guarantees 2 and 4 under faults at moments no one chose: rounds of adding and removing
-//! nodes while writers run, each job hit at a random moment by `kill -9` of the proxy or of a
-//! node (sometimes both), or by a node's pause (SIGSTOP), for a random time, and sometimes by a
-//! cancel too. The phased fault tests (`rebalance_faults.rs`) each stop one chosen step; this
-//! one lands between steps too, and on clusters that earlier jobs, kills and cancels have left
-//! behind.
+//! Guarantees 2 and 4 under faults at moments no one chose: rounds of adding, removing and
+//! reweighting nodes while writers run, each job hit at a random moment by `kill -9` of the
+//! proxy or of a node (sometimes both), or by a node's pause (SIGSTOP), for a random time, and
+//! sometimes by a cancel too. The phased fault tests (`rebalance_faults.rs`) each stop one
+//! chosen step; this one lands between steps too, and on clusters that earlier jobs, kills and
+//! cancels have left behind.
 //!
 //! Every round must end with the job done (a cancelled one is started again), `verify` clean,
-//! no capture, change log or fence left on any node, and a node that left holding no row; at
-//! the end the writers' history must check out. The run is seeded: the seed and every action
-//! are printed, and `SHARDLITE_CHAOS_SEED=N` replays the same actions (not the same timing).
-//! `SHARDLITE_CHAOS_ROUNDS=N` runs more rounds than CI's few.
+//! every weight change taken, no capture, change log or fence left on any node, and a node that
+//! left holding no row; at the end the writers' history must check out. The run is seeded: the
+//! seed and every action are printed, and `SHARDLITE_CHAOS_SEED=N` replays the same actions
+//! (not the same timing). `SHARDLITE_CHAOS_ROUNDS=N` runs more rounds than CI's few.
 
 use serde_json::{Value, json};
 use shardlite_tests::history::{self, Rng, WriterLog};
@@ -148,7 +148,8 @@ impl Chaos {
         self.nodes[i].process = start(&args);
     }
 
-    async fn active(&self) -> Vec<String> {
+    /// The active nodes and their weights.
+    async fn active(&self) -> Vec<(String, u64)> {
         let (status, topology) = self.client.get("/v1/cluster").await;
         assert_eq!(status, 200, "{topology}");
         topology["nodes"]
@@ -156,16 +157,22 @@ impl Chaos {
             .unwrap()
             .iter()
             .filter(|n| n["state"] == "active")
-            .map(|n| n["id"].as_str().unwrap().to_owned())
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap().to_owned(),
+                    n["weight"].as_u64().unwrap(),
+                )
+            })
             .collect()
     }
 
-    /// Adds a node on a fresh file (weight 1 to 3), or marks an active one leaving (never below two active).
-    /// Returns the node that leaves, if one does.
+    /// Adds a node on a fresh file (weight 1 to 3), gives an active one another weight of 1 to
+    /// 3, or marks an active one leaving (never below two active). Returns the node that
+    /// leaves, if one does.
     async fn change(&mut self) -> Option<String> {
         let active = self.active().await;
-        let add = active.len() <= 2 || (active.len() < 5 && self.rng.below(2) == 0);
-        if add {
+        let roll = self.rng.below(3);
+        if active.len() <= 2 || (roll == 0 && active.len() < 5) {
             let id = format!("n{}", self.next_id);
             self.next_id += 1;
             let process = start(&node_args(self.dir.path(), &id, "127.0.0.1:0"));
@@ -181,8 +188,25 @@ impl Chaos {
             assert_eq!(status, 201, "adding {id}: {body}");
             self.nodes.push(Node { id, process });
             None
+        } else if roll == 1 {
+            let (id, weight) = &active[self.rng.below(active.len() as u64) as usize];
+            // One of the two other weights of 1 to 3.
+            let next = 1 + (weight + self.rng.below(2)) % 3;
+            eprintln!("chaos: reweight {id} from {weight} to {next}");
+            let (status, body) = self
+                .client
+                .patch(
+                    &format!("/v1/cluster/nodes/{id}"),
+                    json!({ "weight": next }),
+                )
+                .await;
+            assert_eq!(status, 200, "reweighting {id}: {body}");
+            assert_eq!(body["next_weight"], next, "{body}");
+            None
         } else {
-            let id = active[self.rng.below(active.len() as u64) as usize].clone();
+            let id = active[self.rng.below(active.len() as u64) as usize]
+                .0
+                .clone();
             eprintln!("chaos: remove {id}");
             let (status, body) = self.client.delete(&format!("/v1/cluster/nodes/{id}")).await;
             assert_eq!(status, 202, "removing {id}: {body}");
@@ -304,6 +328,10 @@ impl Chaos {
             assert_eq!(
                 n["state"], "active",
                 "round {round}: every node is active after the job: {topology}"
+            );
+            assert!(
+                n.get("next_weight").is_none(),
+                "round {round}: every weight change is taken: {topology}"
             );
         }
         if let Some(id) = leaving {
