@@ -10,10 +10,11 @@ pub struct JobSlot {
     running: Arc<Mutex<Option<String>>>,
 }
 
-/// Holds the slot; dropping it frees the slot.
+/// Holds the slot; dropping it (or [`JobGuard::finish`]) frees the slot.
 #[must_use = "the job slot is freed when the guard drops"]
 pub struct JobGuard {
-    running: Arc<Mutex<Option<String>>>,
+    /// `None` once [`JobGuard::finish`] freed the slot.
+    running: Option<Arc<Mutex<Option<String>>>>,
 }
 
 impl JobSlot {
@@ -27,7 +28,7 @@ impl JobSlot {
         }
         *running = Some(what.into());
         Ok(JobGuard {
-            running: self.running.clone(),
+            running: Some(self.running.clone()),
         })
     }
 
@@ -40,9 +41,24 @@ impl JobSlot {
     }
 }
 
+impl JobGuard {
+    /// Ends the job: runs `outcome` (which makes the job's end visible) under the slot's lock,
+    /// then frees the slot. Whoever sees the end can start the next job at once, and no one
+    /// can start one before the end is visible.
+    pub fn finish(mut self, outcome: impl FnOnce()) {
+        if let Some(running) = self.running.take() {
+            let mut running = running.lock().expect("job lock is never poisoned");
+            outcome();
+            *running = None;
+        }
+    }
+}
+
 impl Drop for JobGuard {
     fn drop(&mut self) {
-        *self.running.lock().expect("job lock is never poisoned") = None;
+        if let Some(running) = self.running.take() {
+            *running.lock().expect("job lock is never poisoned") = None;
+        }
     }
 }
 
@@ -63,5 +79,23 @@ mod tests {
         assert_eq!(refused.status(), http::StatusCode::CONFLICT);
         drop(first);
         assert!(slot.begin("a rebalance").is_ok());
+    }
+
+    #[test]
+    fn a_finished_job_frees_its_slot_only_after_its_end_is_visible() {
+        let slot = JobSlot::default();
+        let guard = slot.begin("a rebalance").unwrap();
+        let during = std::cell::Cell::new(None);
+        guard.finish(|| during.set(Some(slot.running.try_lock().is_err())));
+        assert_eq!(
+            during.get(),
+            Some(true),
+            "the slot's lock is held meanwhile"
+        );
+        assert_eq!(slot.current(), None);
+        let next = slot.begin("the next rebalance").unwrap();
+        assert_eq!(slot.current().as_deref(), Some("the next rebalance"));
+        drop(next);
+        assert_eq!(slot.current(), None);
     }
 }

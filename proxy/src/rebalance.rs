@@ -493,8 +493,11 @@ fn follow_moved_nodes(job: &mut Job, topology: &Topology) -> bool {
 
 fn spawn(state: ProxyState, job: Job, guard: JobGuard) {
     tokio::spawn(async move {
-        let _slot = guard;
-        run(&state, job).await;
+        let ended = run(&state, job).await;
+        // The end is published as the slot is freed: a client that reads `done` or `failed`
+        // can start the next job at once (before, releasing departed nodes and dropping the
+        // cancel came in between, and a rebalance asked for then got 409).
+        guard.finish(|| state.publish_rebalance(RebalanceStatus::of(&ended)));
     });
 }
 
@@ -555,6 +558,14 @@ fn unix_millis() -> u128 {
 }
 
 fn save(state: &ProxyState, job: &Job) -> ProxyResult<()> {
+    record(state, job)?;
+    state.publish_rebalance(RebalanceStatus::of(job));
+    Ok(())
+}
+
+/// Writes the job record without publishing it: for the end of a job, which [`spawn`]
+/// publishes as it frees the job slot.
+fn record(state: &ProxyState, job: &Job) -> ProxyResult<()> {
     let body = serde_json::to_string(job).expect("a job serializes");
     state.cluster().write(|tx| {
         tx.execute(
@@ -563,9 +574,7 @@ fn save(state: &ProxyState, job: &Job) -> ProxyResult<()> {
             params![job.id, format!("{:?}", job.state).to_lowercase(), body],
         )?;
         Ok(())
-    })?;
-    state.publish_rebalance(RebalanceStatus::of(job));
-    Ok(())
+    })
 }
 
 fn load_latest(state: &ProxyState) -> ProxyResult<Option<Job>> {
@@ -604,7 +613,9 @@ fn transient(error: &ProxyError) -> bool {
     ) || matches!(error, ProxyError::Node { status, .. } if status.is_server_error())
 }
 
-async fn run(state: &ProxyState, mut job: Job) {
+/// Runs the job to its end and returns it as recorded then (done or failed); the caller
+/// publishes that.
+async fn run(state: &ProxyState, mut job: Job) -> Job {
     let started = Instant::now();
     let mut failures = 0u32;
     loop {
@@ -616,7 +627,7 @@ async fn run(state: &ProxyState, mut job: Job) {
             } else {
                 abandon(state, &mut job, CANCELLED.to_owned()).await;
                 forget_cancel(state, &job.id);
-                return;
+                return job;
             }
         }
         let outcome = match job.phase {
@@ -628,7 +639,7 @@ async fn run(state: &ProxyState, mut job: Job) {
             Ok(true) => {
                 job.state = JobState::Done;
                 job.error = None;
-                if let Err(e) = save(state, &job) {
+                if let Err(e) = record(state, &job) {
                     tracing::error!(job = %job.id, error = %e, "cannot record the finished job");
                 }
                 let topology = state.cluster().topology();
@@ -642,7 +653,7 @@ async fn run(state: &ProxyState, mut job: Job) {
                     pause_ms = job.pause_ms,
                     "rebalance done"
                 );
-                return;
+                return job;
             }
             Ok(false) => failures = 0,
             Err(error) => {
@@ -667,7 +678,7 @@ async fn run(state: &ProxyState, mut job: Job) {
                         _ => message,
                     };
                     abandon(state, &mut job, reason).await;
-                    return;
+                    return job;
                 }
                 job.error = Some(format!("retrying: {message}"));
                 let _ = save(state, &job);
@@ -724,7 +735,7 @@ async fn abandon(state: &ProxyState, job: &mut Job, reason: String) {
     }
     job.state = JobState::Failed;
     job.error = Some(reason);
-    let _ = save(state, job);
+    let _ = record(state, job);
     tracing::error!(job = %job.id, error = ?job.error, "rebalance failed; ownership unchanged");
 }
 
