@@ -178,14 +178,36 @@ impl Chaos {
             let process = start(&node_args(self.dir.path(), &id, "127.0.0.1:0"));
             let weight = 1 + self.rng.below(3);
             eprintln!("chaos: add {id}, weight {weight}");
-            let (status, body) = self
-                .client
-                .post(
-                    "/v1/cluster/nodes",
-                    json!({ "id": id, "url": process.url, "weight": weight }),
-                )
-                .await;
-            assert_eq!(status, 201, "adding {id}: {body}");
+            let ask = json!({ "id": id, "url": process.url, "weight": weight });
+            if self.rng.below(4) == 0 {
+                // The proxy dies while it adds the node (asking it, migrating it, recording
+                // it); asked again, the add is either done or does it all again.
+                let client = self.client.clone();
+                let body = bytes::Bytes::from(ask.to_string());
+                let call = tokio::spawn(async move {
+                    client
+                        .try_raw(http::Method::POST, "/v1/cluster/nodes", Some(body))
+                        .await
+                });
+                tokio::time::sleep(Duration::from_millis(self.rng.below(40))).await;
+                self.proxy.kill();
+                let first = call.await.unwrap();
+                eprintln!("chaos: the proxy was killed while adding {id}: {first:?}");
+                self.restart_proxy();
+            }
+            let (status, body) = self.client.post("/v1/cluster/nodes", ask).await;
+            let recorded_before = status == 409
+                && body["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("already exists"));
+            assert!(
+                status == 201 || recorded_before,
+                "adding {id}: {status} {body}"
+            );
+            assert_eq!(
+                member_state(&self.client, &id).await.as_deref(),
+                Some("joining")
+            );
             self.nodes.push(Node { id, process });
             None
         } else if roll == 1 {
