@@ -62,8 +62,35 @@ impl Rng {
     }
 }
 
+/// How a writer writes a key: most through the rows API, the rest through keyed SQL, whose
+/// writes the node fences and captures by the keys its transaction logged.
+enum Write {
+    Put,
+    Delete,
+    /// One keyed statement with params `[key, value]`; `{table}` stands for the table.
+    Sql(&'static str),
+    /// A keyed statement list: insert if absent, then set the name; one transaction.
+    Statements,
+}
+
+fn write_kind(rng: &mut Rng) -> Write {
+    match rng.below(20) {
+        0..=9 => Write::Put,
+        10..=12 => Write::Delete,
+        13 => Write::Sql("DELETE FROM {table} WHERE id = ?1 AND ?2 IS NOT NULL"),
+        14..=15 => Write::Sql(
+            "INSERT INTO {table} (id, name) VALUES (?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+        ),
+        // REPLACE deletes the old row first: its change capture must see that delete.
+        16..=17 => Write::Sql("INSERT OR REPLACE INTO {table} (id, name) VALUES (?1, ?2)"),
+        _ => Write::Statements,
+    }
+}
+
 /// Runs one writer on `keys` until `stop`: 80% upserts (each with a fresh value), 20% deletes,
-/// and a read-back after a third of the acknowledged writes.
+/// through the rows API and keyed SQL (see [`write_kind`]), and a read-back after a third of
+/// the acknowledged writes.
 pub async fn write_until(
     client: Client,
     table: &'static str,
@@ -81,19 +108,42 @@ pub async fn write_until(
         let path = Client::row_path(table, &key);
         n += 1;
         let started = Instant::now();
-        let (result, answer) = if rng.below(5) == 0 {
-            (
-                None,
-                client.try_raw(http::Method::DELETE, &path, None).await,
-            )
-        } else {
-            let value = format!("{key}#{seed}-{n}");
-            let body = bytes::Bytes::from(json!({ "name": value }).to_string());
-            (
-                Some(value),
-                client.try_raw(http::Method::PUT, &path, Some(body)).await,
-            )
+        let value = format!("{key}#{seed}-{n}");
+        let (result, method, target, body) = match write_kind(&mut rng) {
+            Write::Put => (
+                Some(value.clone()),
+                http::Method::PUT,
+                path.clone(),
+                json!({ "name": value }),
+            ),
+            Write::Delete => (None, http::Method::DELETE, path.clone(), Value::Null),
+            Write::Sql(sql) => (
+                sql.contains("INSERT").then(|| value.clone()),
+                http::Method::POST,
+                "/v1/sql".to_owned(),
+                json!({ "key": key, "sql": sql.replace("{table}", table), "params": [key, value] }),
+            ),
+            Write::Statements => (
+                Some(value.clone()),
+                http::Method::POST,
+                "/v1/sql".to_owned(),
+                json!({
+                    "key": key,
+                    "statements": [
+                        {
+                            "sql": format!("INSERT OR IGNORE INTO {table} (id) VALUES (?1)"),
+                            "params": [key],
+                        },
+                        {
+                            "sql": format!("UPDATE {table} SET name = ?2 WHERE id = ?1"),
+                            "params": [key, value],
+                        },
+                    ],
+                }),
+            ),
         };
+        let body = (!body.is_null()).then(|| bytes::Bytes::from(body.to_string()));
+        let answer = client.try_raw(method, &target, body).await;
         log.longest = log.longest.max(started.elapsed());
         let outcome = match &answer {
             Ok((status, _)) if status.is_success() => Outcome::Acked,
