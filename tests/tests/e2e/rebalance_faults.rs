@@ -477,6 +477,15 @@ async fn keyless_reads_see_each_row_once_while_rows_move() {
     let phases = count_through_a_job(&cluster.client, rows).await;
     assert!(phases.iter().any(|p| p == "copy"), "{phases:?}");
     assert_eq!(keyless_count(&cluster.client).await, rows);
+    // A heavier n1: an active node receives copies of rows that others own until the switch.
+    let (status, body) = cluster
+        .client
+        .patch("/v1/cluster/nodes/n1", json!({ "weight": 3 }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let phases = count_through_a_job(&cluster.client, rows).await;
+    assert!(phases.iter().any(|p| p == "copy"), "{phases:?}");
+    assert_eq!(keyless_count(&cluster.client).await, rows);
     assert_verified(&cluster.client).await;
     drop(n4);
 }
