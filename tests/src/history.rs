@@ -258,6 +258,84 @@ pub async fn final_state(
     state
 }
 
+/// A seed from the environment variable `var` if it is set, else from the clock; printed with
+/// how to run the same again.
+pub fn seed(var: &str) -> u64 {
+    let seed = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("history seed: {seed} (replay with {var}={seed})");
+    seed
+}
+
+/// Writers running [`write_until`] on `users`, each on keys of its own (`w{i}-{k}`).
+pub struct Writers {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<WriterLog>>,
+    keys: Vec<String>,
+}
+
+impl Writers {
+    pub fn start(client: &Client, writers: u64, keys_each: usize, seed: u64) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        let mut all = Vec::new();
+        for w in 0..writers {
+            let keys: Vec<String> = (0..keys_each).map(|i| format!("w{w}-{i}")).collect();
+            all.extend(keys.clone());
+            tasks.push(tokio::spawn(write_until(
+                client.clone(),
+                "users",
+                keys,
+                seed.wrapping_add(w * 7919),
+                stop.clone(),
+            )));
+        }
+        Writers {
+            stop,
+            tasks,
+            keys: all,
+        }
+    }
+
+    /// Stops the writers and checks their history against what each key holds now (read
+    /// through `client`), and their read-backs: panics naming every violation. Returns the
+    /// logs and the final state.
+    pub async fn finish(self, client: &Client) -> (Vec<WriterLog>, HashMap<String, KeyState>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut logs = Vec::new();
+        for task in self.tasks {
+            logs.push(task.await.unwrap());
+        }
+        let state = final_state(client, "users", &self.keys).await;
+        let mut violations = check(&logs, &state);
+        for log in &logs {
+            violations.extend(log.stale_reads.iter().cloned());
+        }
+        assert!(
+            violations.is_empty(),
+            "history violations:\n{}",
+            violations.join("\n")
+        );
+        (logs, state)
+    }
+}
+
+/// Ops, errors (anything not acknowledged) and the longest op of `logs`, printed.
+pub fn summary(logs: &[WriterLog]) -> (u64, u64, Duration) {
+    let ops: u64 = logs.iter().map(|l| l.ops.len() as u64).sum();
+    let errors: u64 = logs.iter().map(|l| l.errors).sum();
+    let longest = logs.iter().map(|l| l.longest).max().unwrap_or_default();
+    eprintln!("writers: {ops} ops, {errors} errors, longest op {longest:?}");
+    (ops, errors, longest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

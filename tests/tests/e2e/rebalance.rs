@@ -1,32 +1,33 @@
-//! Online rebalance (contract guarantees 2–4): writers keep going while a node joins or leaves;
+//! Online rebalance (contract guarantees 2–4): writers keep going while a node joins, leaves or
+//! changes weight;
 //! afterwards the history checks out, `verify` is clean, and only rows whose owner changed moved.
 
 use serde_json::{Value, json};
-use shardlite_tests::history::{self, WriterLog};
+use shardlite_tests::history::{self, Writers};
 use shardlite_tests::{
     Client, TestCluster, assert_verified, keys_in_file, preload_users, rebalance_and_wait, ring_of,
     transfer_leftovers,
 };
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const PRELOADED: usize = 4000;
 const WRITERS: u64 = 4;
 
-fn seed() -> u64 {
-    let seed = std::env::var("SHARDLITE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("history seed: {seed} (replay with SHARDLITE_TEST_SEED={seed})");
-    seed
+fn start_writers(client: &Client) -> Writers {
+    Writers::start(client, WRITERS, 40, history::seed("SHARDLITE_TEST_SEED"))
+}
+
+/// The writers' history checks out (see [`Writers::finish`]) and they saw under 1% errors;
+/// how many ops they made.
+async fn finish_writers(writers: Writers, client: &Client) -> u64 {
+    let (logs, _) = writers.finish(client).await;
+    let (ops, errors, _) = history::summary(&logs);
+    assert!(
+        (errors as f64) < ops as f64 * 0.01,
+        "{errors} errors in {ops} ops"
+    );
+    ops
 }
 
 async fn preload(client: &Client) -> Vec<String> {
@@ -42,58 +43,6 @@ fn placement(cluster: &TestCluster) -> HashMap<String, Vec<String>> {
         }
     }
     at
-}
-
-struct Writers {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<WriterLog>>,
-    keys: Vec<String>,
-}
-
-fn start_writers(client: &Client, seed: u64) -> Writers {
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    let mut all = Vec::new();
-    for w in 0..WRITERS {
-        let keys: Vec<String> = (0..40).map(|i| format!("w{w}-{i}")).collect();
-        all.extend(keys.clone());
-        tasks.push(tokio::spawn(history::write_until(
-            client.clone(),
-            "users",
-            keys,
-            seed.wrapping_add(w * 7919),
-            stop.clone(),
-        )));
-    }
-    Writers {
-        stop,
-        tasks,
-        keys: all,
-    }
-}
-
-impl Writers {
-    async fn finish(self, client: &Client) -> (Vec<WriterLog>, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut logs = Vec::new();
-        for task in self.tasks {
-            logs.push(task.await.unwrap());
-        }
-        let state = history::final_state(client, "users", &self.keys).await;
-        let mut violations = history::check(&logs, &state);
-        for log in &logs {
-            violations.extend(log.stale_reads.iter().cloned());
-        }
-        (logs, violations)
-    }
-}
-
-fn report(logs: &[WriterLog]) -> (u64, u64, Duration) {
-    let ops: u64 = logs.iter().map(|l| l.ops.len() as u64).sum();
-    let errors: u64 = logs.iter().map(|l| l.errors).sum();
-    let longest = logs.iter().map(|l| l.longest).max().unwrap_or_default();
-    eprintln!("writers: {ops} ops, {errors} errors, longest op {longest:?}");
-    (ops, errors, longest)
 }
 
 /// Every preloaded key is on exactly one node afterwards; it moved iff its owner changed, and
@@ -131,7 +80,7 @@ async fn adding_a_node_while_writing_loses_nothing_and_moves_only_to_it() {
     let still = preload(&client).await;
     let (_, before_cluster) = client.get("/v1/cluster").await;
     let before = placement(&cluster);
-    let writers = start_writers(&client, seed());
+    let writers = start_writers(&client);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     cluster.add_node("n4").await;
@@ -177,18 +126,8 @@ async fn adding_a_node_while_writing_loses_nothing_and_moves_only_to_it() {
     let done = rebalance_and_wait(&client).await;
     assert_eq!(done["state"], "done", "{done}");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (logs, violations) = writers.finish(&client).await;
-    assert!(
-        violations.is_empty(),
-        "history violations:\n{}",
-        violations.join("\n")
-    );
-    let (ops, errors, _) = report(&logs);
+    let ops = finish_writers(writers, &client).await;
     assert!(ops > 100, "the writers ran during the job ({ops} ops)");
-    assert!(
-        (errors as f64) < ops as f64 * 0.01,
-        "{errors} errors in {ops} ops"
-    );
 
     let (_, after_cluster) = client.get("/v1/cluster").await;
     assert!(
@@ -236,7 +175,7 @@ async fn removing_a_node_while_writing_drains_it() {
     let still = preload(&client).await;
     let (_, before_cluster) = client.get("/v1/cluster").await;
     let before = placement(&cluster);
-    let writers = start_writers(&client, seed());
+    let writers = start_writers(&client);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let (status, body) = client.delete("/v1/cluster/nodes/n2").await;
@@ -251,17 +190,7 @@ async fn removing_a_node_while_writing_drains_it() {
     assert_eq!(again["epoch"], leaving["epoch"], "{again}");
     let done = rebalance_and_wait(&client).await;
     assert_eq!(done["state"], "done", "{done}");
-    let (logs, violations) = writers.finish(&client).await;
-    assert!(
-        violations.is_empty(),
-        "history violations:\n{}",
-        violations.join("\n")
-    );
-    let (ops, errors, _) = report(&logs);
-    assert!(
-        (errors as f64) < ops as f64 * 0.01,
-        "{errors} errors in {ops} ops"
-    );
+    finish_writers(writers, &client).await;
 
     let (_, after_cluster) = client.get("/v1/cluster").await;
     let ids: Vec<&str> = after_cluster["nodes"]
@@ -518,7 +447,7 @@ async fn reweighting_a_node_moves_rows_only_to_or_from_it() {
     assert_eq!(unchanged["epoch"], before_cluster["epoch"], "{unchanged}");
 
     let before = placement(&cluster);
-    let writers = start_writers(&client, seed());
+    let writers = start_writers(&client);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (status, node) = client
         .patch("/v1/cluster/nodes/n1", json!({ "weight": 3 }))
@@ -554,18 +483,8 @@ async fn reweighting_a_node_moves_rows_only_to_or_from_it() {
 
     let done = rebalance_and_wait(&client).await;
     assert_eq!(done["state"], "done", "{done}");
-    let (logs, violations) = writers.finish(&client).await;
-    assert!(
-        violations.is_empty(),
-        "history violations:\n{}",
-        violations.join("\n")
-    );
-    let (ops, errors, _) = report(&logs);
+    let ops = finish_writers(writers, &client).await;
     assert!(ops > 100, "the writers ran during the job ({ops} ops)");
-    assert!(
-        (errors as f64) < ops as f64 * 0.01,
-        "{errors} errors in {ops} ops"
-    );
     let (_, raised) = client.get("/v1/cluster").await;
     assert_eq!(weights(&raised)["n1"], (3, None), "{raised}");
     let (old_ring, new_ring) = (ring_of(&before_cluster), ring_of(&raised));

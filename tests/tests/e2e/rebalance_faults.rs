@@ -4,13 +4,11 @@
 //! out.
 
 use serde_json::{Value, json};
-use shardlite_tests::history::{self, WriterLog};
+use shardlite_tests::history::{self, Writers};
 use shardlite_tests::{
     Client, Spawned, assert_verified, member_state, migrate_sample, preload_users, shardlite_bin,
     transfer_leftovers, wait_for_rebalance,
 };
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const ROWS: usize = 12_000;
@@ -140,25 +138,7 @@ enum Victim {
 
 async fn kill_during(change: Change, phase: &str, victim: Victim) {
     let mut cluster = Cluster::start().await;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("history seed: {seed}");
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut keys = Vec::new();
-    let mut writers = Vec::new();
-    for w in 0..3u64 {
-        let own: Vec<String> = (0..30).map(|i| format!("w{w}-{i}")).collect();
-        keys.extend(own.clone());
-        writers.push(tokio::spawn(history::write_until(
-            cluster.client.clone(),
-            "users",
-            own,
-            seed + w,
-            stop.clone(),
-        )));
-    }
+    let writers = Writers::start(&cluster.client, 3, 30, history::seed("SHARDLITE_TEST_SEED"));
 
     let mut n4 = match change {
         Change::AddN4 => Some(cluster.add_n4().await),
@@ -217,21 +197,7 @@ async fn kill_during(change: Change, phase: &str, victim: Victim) {
     let done = wait_for_rebalance(&cluster.client, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "done", "{done}");
 
-    stop.store(true, Ordering::Relaxed);
-    let mut logs: Vec<WriterLog> = Vec::new();
-    for w in writers {
-        logs.push(w.await.unwrap());
-    }
-    let state = history::final_state(&cluster.client, "users", &keys).await;
-    let mut violations = history::check(&logs, &state);
-    for log in &logs {
-        violations.extend(log.stale_reads.iter().cloned());
-    }
-    assert!(
-        violations.is_empty(),
-        "history violations:\n{}",
-        violations.join("\n")
-    );
+    let (_, state) = writers.finish(&cluster.client).await;
 
     let report = assert_verified(&cluster.client).await;
     let writer_rows = state.values().filter(|v| v.is_some()).count() as u64;
