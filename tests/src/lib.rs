@@ -509,3 +509,93 @@ pub async fn preload_users(client: &Client, prefix: &str, n: usize) -> Vec<Strin
     }
     keys
 }
+
+/// A node process of a [`SpawnedCluster`] and its id.
+pub struct SpawnedNode {
+    pub id: String,
+    pub process: Spawned,
+}
+
+/// A cluster of real processes, for tests that kill and restart them: nodes n1..nN on files
+/// in `dir`, and a proxy seeded with them whose rebalance steps each pause a while (so a kill
+/// can land inside one) and which counts a node down after a 300 ms connect.
+pub struct SpawnedCluster {
+    pub dir: TempDir,
+    pub nodes: Vec<SpawnedNode>,
+    pub proxy: Spawned,
+    proxy_args: Vec<String>,
+    pub client: Client,
+}
+
+impl SpawnedCluster {
+    /// `n` nodes, the proxy with `--test-rebalance-pause-ms step_pause_ms`, the sample
+    /// migrations, and `rows` users `still-{i}`.
+    pub async fn start(n: usize, step_pause_ms: u64, rows: usize) -> SpawnedCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<SpawnedNode> = (1..=n)
+            .map(|i| {
+                let id = format!("n{i}");
+                let process = node_process(dir.path(), &id, 0);
+                SpawnedNode { id, process }
+            })
+            .collect();
+        let mut proxy_args: Vec<String> = vec![
+            "proxy".into(),
+            "--state".into(),
+            dir.path().join("proxy.db").display().to_string(),
+            "--test-rebalance-pause-ms".into(),
+            step_pause_ms.to_string(),
+            "--connect-timeout-ms".into(),
+            "300".into(),
+        ];
+        for node in &nodes {
+            proxy_args.push("--node".into());
+            proxy_args.push(format!("{}={}", node.id, node.process.url));
+        }
+        let mut first = proxy_args.clone();
+        first.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        let proxy = Spawned::start(&first.iter().map(String::as_str).collect::<Vec<_>>());
+        let client = Client::new(&proxy.url);
+        migrate_sample(&client).await;
+        preload_users(&client, "still", rows).await;
+        SpawnedCluster {
+            dir,
+            nodes,
+            proxy,
+            proxy_args,
+            client,
+        }
+    }
+
+    /// Starts the proxy again on its port, with the same flags (after a kill).
+    pub fn restart_proxy(&mut self) {
+        let mut args = self.proxy_args.clone();
+        args.extend([
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.proxy.port()),
+        ]);
+        self.proxy = Spawned::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    /// A node process on `dir/{id}.db`, on `port` (0: any free one).
+    pub fn node(&self, id: &str, port: u16) -> Spawned {
+        node_process(self.dir.path(), id, port)
+    }
+
+    /// Starts node `i` of `nodes` again on its port and file (after a kill).
+    pub fn restart_node(&mut self, i: usize) {
+        let port = self.nodes[i].process.port();
+        self.nodes[i].process = self.node(&self.nodes[i].id, port);
+    }
+
+    /// Where node `id` keeps its file.
+    pub fn db(&self, id: &str) -> PathBuf {
+        self.dir.path().join(format!("{id}.db"))
+    }
+}
+
+fn node_process(dir: &Path, id: &str, port: u16) -> Spawned {
+    let db = dir.join(format!("{id}.db"));
+    let listen = format!("127.0.0.1:{port}");
+    Spawned::start(&["node", "--listen", &listen, "--db", db.to_str().unwrap()])
+}

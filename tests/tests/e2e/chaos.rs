@@ -14,10 +14,9 @@
 use serde_json::{Value, json};
 use shardlite_tests::history::{self, Rng, Writers};
 use shardlite_tests::{
-    Client, Spawned, assert_verified, keys_in_file, member_state, migrate_sample, preload_users,
+    Spawned, SpawnedCluster, SpawnedNode, assert_verified, keys_in_file, member_state,
     transfer_leftovers, wait_for_rebalance,
 };
-use std::path::Path;
 use std::time::Duration;
 
 const ROWS: usize = 6_000;
@@ -26,37 +25,16 @@ const ROWS: usize = 6_000;
 const DEFAULT_ROUNDS: u64 = 4;
 /// Each copy page and phase pauses this long, so that a job lasts long enough (about a
 /// second) for a random moment to land inside it.
-const STEP_PAUSE_MS: &str = "40";
-
-/// A node process and where it lives.
-struct Node {
-    id: String,
-    process: Spawned,
-}
+const STEP_PAUSE_MS: u64 = 40;
 
 struct Chaos {
-    dir: tempfile::TempDir,
+    cluster: SpawnedCluster,
     rng: Rng,
-    /// Nodes in the topology, whatever their state.
-    nodes: Vec<Node>,
-    proxy: Spawned,
-    proxy_args: Vec<String>,
-    client: Client,
     /// The next node id's number.
     next_id: usize,
     /// The shortest job so far, from its start to its end: faults land within this much of
     /// a job's start, so that most of them hit it while it runs.
     shortest_job: Duration,
-}
-
-fn node_args(dir: &Path, id: &str, listen: &str) -> Vec<String> {
-    vec![
-        "node".into(),
-        "--listen".into(),
-        listen.into(),
-        "--db".into(),
-        dir.join(format!("{id}.db")).display().to_string(),
-    ]
 }
 
 /// Sends `kill -SIG` to a node or proxy process.
@@ -66,10 +44,6 @@ fn signal(process: &Spawned, sig: &str) {
         .status()
         .expect("kill runs");
     assert!(status.success(), "kill -{sig}");
-}
-
-fn start(args: &[String]) -> Spawned {
-    Spawned::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// What hits a job.
@@ -88,67 +62,17 @@ enum Fault {
 
 impl Chaos {
     async fn start(seed: u64) -> Chaos {
-        let dir = tempfile::tempdir().unwrap();
-        let nodes: Vec<Node> = (1..=3)
-            .map(|i| {
-                let id = format!("n{i}");
-                let process = start(&node_args(dir.path(), &id, "127.0.0.1:0"));
-                Node { id, process }
-            })
-            .collect();
-        let mut proxy_args: Vec<String> = vec![
-            "proxy".into(),
-            "--state".into(),
-            dir.path().join("proxy.db").display().to_string(),
-            "--test-rebalance-pause-ms".into(),
-            STEP_PAUSE_MS.into(),
-            "--connect-timeout-ms".into(),
-            "300".into(),
-        ];
-        for n in &nodes {
-            proxy_args.push("--node".into());
-            proxy_args.push(format!("{}={}", n.id, n.process.url));
-        }
-        let mut first = proxy_args.clone();
-        first.extend(["--listen".into(), "127.0.0.1:0".into()]);
-        let proxy = start(&first);
-        let client = Client::new(&proxy.url);
-        migrate_sample(&client).await;
-        preload_users(&client, "still", ROWS).await;
         Chaos {
-            dir,
+            cluster: SpawnedCluster::start(3, STEP_PAUSE_MS, ROWS).await,
             rng: Rng::new(seed),
-            nodes,
-            proxy,
-            proxy_args,
-            client,
             next_id: 4,
             shortest_job: Duration::from_millis(600),
         }
     }
 
-    fn restart_proxy(&mut self) {
-        let mut args = self.proxy_args.clone();
-        args.extend([
-            "--listen".into(),
-            format!("127.0.0.1:{}", self.proxy.port()),
-        ]);
-        self.proxy = start(&args);
-    }
-
-    fn restart_node(&mut self, i: usize) {
-        let port = self.nodes[i].process.port();
-        let args = node_args(
-            self.dir.path(),
-            &self.nodes[i].id,
-            &format!("127.0.0.1:{port}"),
-        );
-        self.nodes[i].process = start(&args);
-    }
-
     /// The active nodes and their weights.
     async fn active(&self) -> Vec<(String, u64)> {
-        let (status, topology) = self.client.get("/v1/cluster").await;
+        let (status, topology) = self.cluster.client.get("/v1/cluster").await;
         assert_eq!(status, 200, "{topology}");
         topology["nodes"]
             .as_array()
@@ -173,14 +97,14 @@ impl Chaos {
         if active.len() <= 2 || (roll == 0 && active.len() < 5) {
             let id = format!("n{}", self.next_id);
             self.next_id += 1;
-            let process = start(&node_args(self.dir.path(), &id, "127.0.0.1:0"));
+            let process = self.cluster.node(&id, 0);
             let weight = 1 + self.rng.below(3);
             eprintln!("chaos: add {id}, weight {weight}");
             let ask = json!({ "id": id, "url": process.url, "weight": weight });
             if self.rng.below(4) == 0 {
                 // The proxy dies while it adds the node (asking it, migrating it, recording
                 // it); asked again, the add is either done or does it all again.
-                let client = self.client.clone();
+                let client = self.cluster.client.clone();
                 let body = bytes::Bytes::from(ask.to_string());
                 let call = tokio::spawn(async move {
                     client
@@ -188,12 +112,12 @@ impl Chaos {
                         .await
                 });
                 tokio::time::sleep(Duration::from_millis(self.rng.below(40))).await;
-                self.proxy.kill();
+                self.cluster.proxy.kill();
                 let first = call.await.unwrap();
                 eprintln!("chaos: the proxy was killed while adding {id}: {first:?}");
-                self.restart_proxy();
+                self.cluster.restart_proxy();
             }
-            let (status, body) = self.client.post("/v1/cluster/nodes", ask).await;
+            let (status, body) = self.cluster.client.post("/v1/cluster/nodes", ask).await;
             let recorded_before = status == 409
                 && body["error"]
                     .as_str()
@@ -203,10 +127,10 @@ impl Chaos {
                 "adding {id}: {status} {body}"
             );
             assert_eq!(
-                member_state(&self.client, &id).await.as_deref(),
+                member_state(&self.cluster.client, &id).await.as_deref(),
                 Some("joining")
             );
-            self.nodes.push(Node { id, process });
+            self.cluster.nodes.push(SpawnedNode { id, process });
             None
         } else if roll == 1 {
             let (id, weight) = &active[self.rng.below(active.len() as u64) as usize];
@@ -214,6 +138,7 @@ impl Chaos {
             let next = 1 + (weight + self.rng.below(2)) % 3;
             eprintln!("chaos: reweight {id} from {weight} to {next}");
             let (status, body) = self
+                .cluster
                 .client
                 .patch(
                     &format!("/v1/cluster/nodes/{id}"),
@@ -228,14 +153,18 @@ impl Chaos {
                 .0
                 .clone();
             eprintln!("chaos: remove {id}");
-            let (status, body) = self.client.delete(&format!("/v1/cluster/nodes/{id}")).await;
+            let (status, body) = self
+                .cluster
+                .client
+                .delete(&format!("/v1/cluster/nodes/{id}"))
+                .await;
             assert_eq!(status, 202, "removing {id}: {body}");
             Some(id)
         }
     }
 
     fn pick_fault(&mut self) -> Fault {
-        let node = self.rng.below(self.nodes.len() as u64) as usize;
+        let node = self.rng.below(self.cluster.nodes.len() as u64) as usize;
         match self.rng.below(10) {
             0 => Fault::Nothing,
             1..=3 => Fault::Proxy,
@@ -260,7 +189,11 @@ impl Chaos {
             "chaos: round {round}: {fault:?} after {fault_after:?}, down for {down_for:?}, \
              cancel after {cancel_after:?}"
         );
-        let (status, body) = self.client.post("/v1/cluster/rebalance", Value::Null).await;
+        let (status, body) = self
+            .cluster
+            .client
+            .post("/v1/cluster/rebalance", Value::Null)
+            .await;
         assert_eq!(status, 202, "starting the rebalance: {body}");
         let started = std::time::Instant::now();
 
@@ -271,7 +204,7 @@ impl Chaos {
             self.cancel().await;
         }
         tokio::time::sleep(fault_after - cancel_first.unwrap_or_default()).await;
-        let (_, at) = self.client.get("/v1/cluster/rebalance").await;
+        let (_, at) = self.cluster.client.get("/v1/cluster/rebalance").await;
         eprintln!(
             "chaos: the fault lands with the job {} {}",
             at["state"], at["phase"]
@@ -279,43 +212,43 @@ impl Chaos {
         let node = match fault {
             Fault::Nothing => None,
             Fault::Pause(i) => {
-                signal(&self.nodes[i].process, "STOP");
-                eprintln!("chaos: paused {}", self.nodes[i].id);
+                signal(&self.cluster.nodes[i].process, "STOP");
+                eprintln!("chaos: paused {}", self.cluster.nodes[i].id);
                 None
             }
             Fault::Proxy => {
-                self.proxy.kill();
+                self.cluster.proxy.kill();
                 None
             }
             Fault::Node(i) => {
-                self.nodes[i].process.kill();
+                self.cluster.nodes[i].process.kill();
                 Some(i)
             }
             Fault::Both(i) => {
-                self.proxy.kill();
-                self.nodes[i].process.kill();
+                self.cluster.proxy.kill();
+                self.cluster.nodes[i].process.kill();
                 Some(i)
             }
         };
         if let Some(i) = node {
-            eprintln!("chaos: killed {}", self.nodes[i].id);
+            eprintln!("chaos: killed {}", self.cluster.nodes[i].id);
         }
         tokio::time::sleep(down_for).await;
         if let Fault::Pause(i) = fault {
-            signal(&self.nodes[i].process, "CONT");
+            signal(&self.cluster.nodes[i].process, "CONT");
         }
         if matches!(fault, Fault::Proxy | Fault::Both(_)) {
-            self.restart_proxy();
+            self.cluster.restart_proxy();
         }
         if let Some(i) = node {
-            self.restart_node(i);
+            self.cluster.restart_node(i);
         }
         if let Some(c) = cancel_after.filter(|&c| c >= fault_after) {
             tokio::time::sleep((c - fault_after).saturating_sub(down_for)).await;
             self.cancel().await;
         }
 
-        let mut job = wait_for_rebalance(&self.client, Duration::from_secs(120)).await;
+        let mut job = wait_for_rebalance(&self.cluster.client, Duration::from_secs(120)).await;
         if job["state"] == "done" {
             // A cancelled job is short for a reason of its own; a faulted one is long.
             self.shortest_job = self.shortest_job.min(started.elapsed());
@@ -326,9 +259,13 @@ impl Chaos {
                 .is_some_and(|e| e.contains("cancelled"))
         {
             eprintln!("chaos: the job was cancelled; starting it again");
-            let (status, body) = self.client.post("/v1/cluster/rebalance", Value::Null).await;
+            let (status, body) = self
+                .cluster
+                .client
+                .post("/v1/cluster/rebalance", Value::Null)
+                .await;
             assert_eq!(status, 202, "starting the rebalance again: {body}");
-            job = wait_for_rebalance(&self.client, Duration::from_secs(120)).await;
+            job = wait_for_rebalance(&self.cluster.client, Duration::from_secs(120)).await;
         }
         assert_eq!(job["state"], "done", "round {round}: {job}");
         self.check_round(round, leaving).await;
@@ -337,13 +274,13 @@ impl Chaos {
     /// `DELETE /v1/cluster/rebalance`: refused (409) once the job switched or ended; the round
     /// goes on either way.
     async fn cancel(&self) {
-        let (status, body) = self.client.delete("/v1/cluster/rebalance").await;
+        let (status, body) = self.cluster.client.delete("/v1/cluster/rebalance").await;
         eprintln!("chaos: cancel answered {status}: {body}");
     }
 
     async fn check_round(&mut self, round: u64, leaving: Option<String>) {
-        assert_verified(&self.client).await;
-        let (_, topology) = self.client.get("/v1/cluster").await;
+        assert_verified(&self.cluster.client).await;
+        let (_, topology) = self.cluster.client.get("/v1/cluster").await;
         for n in topology["nodes"].as_array().unwrap() {
             assert_eq!(
                 n["state"], "active",
@@ -356,27 +293,27 @@ impl Chaos {
         }
         if let Some(id) = leaving {
             assert_eq!(
-                member_state(&self.client, &id).await,
+                member_state(&self.cluster.client, &id).await,
                 None,
                 "round {round}: {id} left the topology"
             );
-            let kept = keys_in_file(&self.dir.path().join(format!("{id}.db")), "users");
+            let kept = keys_in_file(&self.cluster.db(&id), "users");
             assert!(
                 kept.is_empty(),
                 "round {round}: {id} keeps {} rows",
                 kept.len()
             );
-            let i = self.nodes.iter().position(|n| n.id == id).unwrap();
-            let gone = self.nodes.remove(i);
+            let i = self.cluster.nodes.iter().position(|n| n.id == id).unwrap();
+            let gone = self.cluster.nodes.remove(i);
             assert_eq!(
-                transfer_leftovers(&self.dir.path().join(format!("{}.db", gone.id))),
+                transfer_leftovers(&self.cluster.db(&gone.id)),
                 (0, 0),
                 "round {round}: {id} keeps no capture, log or fence"
             );
         }
-        for n in &self.nodes {
+        for n in &self.cluster.nodes {
             assert_eq!(
-                transfer_leftovers(&self.dir.path().join(format!("{}.db", n.id))),
+                transfer_leftovers(&self.cluster.db(&n.id)),
                 (0, 0),
                 "round {round}: {} keeps no capture, log or fence",
                 n.id
@@ -395,19 +332,19 @@ async fn random_kills_and_cancels_across_rebalances_lose_nothing() {
     eprintln!("chaos: {rounds} rounds; the seed replays the actions, not their timing");
     let mut chaos = Chaos::start(seed).await;
 
-    let writers = Writers::start(&chaos.client, 3, 30, seed);
+    let writers = Writers::start(&chaos.cluster.client, 3, 30, seed);
     for round in 1..=rounds {
         chaos.round(round).await;
     }
 
-    let (logs, state) = writers.finish(&chaos.client).await;
+    let (logs, state) = writers.finish(&chaos.cluster.client).await;
     let acked = logs
         .iter()
         .flat_map(|l| &l.ops)
         .filter(|op| matches!(op.outcome, history::Outcome::Acked))
         .count();
     assert!(acked > 0, "the writers got nothing acknowledged");
-    let report = assert_verified(&chaos.client).await;
+    let report = assert_verified(&chaos.cluster.client).await;
     let writer_rows = state.values().filter(|v| v.is_some()).count() as u64;
     assert_eq!(
         report["rows_total"].as_u64().unwrap(),

@@ -45,6 +45,18 @@ fn placement(cluster: &TestCluster) -> HashMap<String, Vec<String>> {
     at
 }
 
+/// No node keeps a capture, change log or fence once a job is done.
+fn assert_no_leftovers(cluster: &TestCluster) {
+    for node in &cluster.nodes {
+        assert_eq!(
+            transfer_leftovers(&node.db),
+            (0, 0),
+            "no capture or fence left on {}",
+            node.id
+        );
+    }
+}
+
 /// Every preloaded key is on exactly one node afterwards; it moved iff its owner changed, and
 /// then only to its new owner.
 fn assert_minimal_movement(
@@ -157,14 +169,7 @@ async fn adding_a_node_while_writing_loses_nothing_and_moves_only_to_it() {
     );
 
     assert_verified(&client).await;
-    for node in &cluster.nodes {
-        assert_eq!(
-            transfer_leftovers(&node.db),
-            (0, 0),
-            "no capture or fence left on {}",
-            node.id
-        );
-    }
+    assert_no_leftovers(&cluster);
     cluster.stop().await;
 }
 
@@ -519,13 +524,6 @@ async fn reweighting_a_node_moves_rows_only_to_or_from_it() {
     }
     let report = assert_verified(&client).await;
     assert!(report["rows_total"].as_u64().unwrap() >= still.len() as u64);
-    for node in &cluster.nodes {
-        assert_eq!(
-            transfer_leftovers(&node.db),
-            (0, 0),
-            "no capture or fence left on {}",
-            node.id
-        );
-    }
+    assert_no_leftovers(&cluster);
     cluster.stop().await;
 }

@@ -6,99 +6,28 @@
 use serde_json::{Value, json};
 use shardlite_tests::history::{self, Writers};
 use shardlite_tests::{
-    Client, Spawned, assert_verified, member_state, migrate_sample, preload_users, shardlite_bin,
+    Client, Spawned, SpawnedCluster, assert_verified, member_state, shardlite_bin,
     transfer_leftovers, wait_for_rebalance,
 };
 use std::time::{Duration, Instant};
 
 const ROWS: usize = 12_000;
 /// Each copy page and phase pauses this long, so a kill lands in the chosen step.
-const STEP_PAUSE_MS: &str = "150";
+const STEP_PAUSE_MS: u64 = 150;
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    nodes: Vec<Spawned>,
-    proxy: Spawned,
-    proxy_args: Vec<String>,
-    client: Client,
+async fn start() -> SpawnedCluster {
+    SpawnedCluster::start(3, STEP_PAUSE_MS, ROWS).await
 }
 
-fn node_args(dir: &std::path::Path, id: &str, listen: &str) -> Vec<String> {
-    vec![
-        "node".into(),
-        "--listen".into(),
-        listen.into(),
-        "--db".into(),
-        dir.join(format!("{id}.db")).display().to_string(),
-    ]
-}
-
-fn start(args: &[String]) -> Spawned {
-    Spawned::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
-}
-
-impl Cluster {
-    async fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let nodes: Vec<Spawned> = (1..=3)
-            .map(|i| start(&node_args(dir.path(), &format!("n{i}"), "127.0.0.1:0")))
-            .collect();
-        let mut proxy_args: Vec<String> = vec![
-            "proxy".into(),
-            "--state".into(),
-            dir.path().join("proxy.db").display().to_string(),
-            "--test-rebalance-pause-ms".into(),
-            STEP_PAUSE_MS.into(),
-            "--connect-timeout-ms".into(),
-            "300".into(),
-        ];
-        for (i, n) in nodes.iter().enumerate() {
-            proxy_args.push("--node".into());
-            proxy_args.push(format!("n{}={}", i + 1, n.url));
-        }
-        let mut first = proxy_args.clone();
-        first.extend(["--listen".into(), "127.0.0.1:0".into()]);
-        let proxy = start(&first);
-        let client = Client::new(&proxy.url);
-        migrate_sample(&client).await;
-        preload_users(&client, "still", ROWS).await;
-        Cluster {
-            dir,
-            nodes,
-            proxy,
-            proxy_args,
-            client,
-        }
-    }
-
-    fn restart_proxy(&mut self) {
-        let mut args = self.proxy_args.clone();
-        args.extend([
-            "--listen".into(),
-            format!("127.0.0.1:{}", self.proxy.port()),
-        ]);
-        self.proxy = start(&args);
-    }
-
-    /// Starts a fourth node and adds it to the cluster (as joining); keep it alive.
-    async fn add_n4(&self) -> Spawned {
-        let n4 = start(&node_args(self.dir.path(), "n4", "127.0.0.1:0"));
-        let (status, body) = self
-            .client
-            .post("/v1/cluster/nodes", json!({ "id": "n4", "url": n4.url }))
-            .await;
-        assert_eq!(status, 201, "{body}");
-        n4
-    }
-
-    fn restart_node(&mut self, i: usize) {
-        let port = self.nodes[i].port();
-        self.nodes[i] = start(&node_args(
-            self.dir.path(),
-            &format!("n{}", i + 1),
-            &format!("127.0.0.1:{port}"),
-        ));
-    }
+/// Starts a fourth node and adds it to the cluster (as joining); keep it alive.
+async fn add_n4(cluster: &SpawnedCluster) -> Spawned {
+    let n4 = cluster.node("n4", 0);
+    let (status, body) = cluster
+        .client
+        .post("/v1/cluster/nodes", json!({ "id": "n4", "url": n4.url }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    n4
 }
 
 /// Waits until the job reports `phase` (and, for copy, some rows moved).
@@ -137,11 +66,11 @@ enum Victim {
 }
 
 async fn kill_during(change: Change, phase: &str, victim: Victim) {
-    let mut cluster = Cluster::start().await;
+    let mut cluster = start().await;
     let writers = Writers::start(&cluster.client, 3, 30, history::seed("SHARDLITE_TEST_SEED"));
 
     let mut n4 = match change {
-        Change::AddN4 => Some(cluster.add_n4().await),
+        Change::AddN4 => Some(add_n4(&cluster).await),
         Change::RemoveN1 => {
             let (status, body) = cluster.client.delete("/v1/cluster/nodes/n1").await;
             assert_eq!(status, 202, "{body}");
@@ -161,7 +90,7 @@ async fn kill_during(change: Change, phase: &str, victim: Victim) {
             cluster.restart_proxy();
         }
         Victim::SourceNode => {
-            cluster.nodes[0].kill();
+            cluster.nodes[0].process.kill();
             tokio::time::sleep(Duration::from_millis(400)).await;
             cluster.restart_node(0);
         }
@@ -170,11 +99,7 @@ async fn kill_during(change: Change, phase: &str, victim: Victim) {
             let port = target.port();
             target.kill();
             tokio::time::sleep(Duration::from_millis(400)).await;
-            *target = start(&node_args(
-                cluster.dir.path(),
-                "n4",
-                &format!("127.0.0.1:{port}"),
-            ));
+            *target = cluster.node("n4", port);
         }
     }
 
@@ -220,14 +145,14 @@ async fn kill_during(change: Change, phase: &str, victim: Victim) {
                 None,
                 "n1 left the topology"
             );
-            let db = cluster.dir.path().join("n1.db");
+            let db = cluster.db("n1");
             let kept = shardlite_tests::keys_in_file(&db, "users");
             assert!(kept.is_empty(), "n1 keeps {} rows", kept.len());
             1..=3
         }
     };
     for i in members {
-        let db = cluster.dir.path().join(format!("n{i}.db"));
+        let db = cluster.db(&format!("n{i}"));
         assert_eq!(
             transfer_leftovers(&db),
             (0, 0),
@@ -319,8 +244,8 @@ async fn the_target_node_killed_while_fenced_does_not_stop_the_job() {
 /// that the target lost, and then nothing switches. A second job repairs the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_lost_on_the_target_stops_the_switch() {
-    let cluster = Cluster::start().await;
-    let n4 = cluster.add_n4().await;
+    let cluster = start().await;
+    let n4 = add_n4(&cluster).await;
     let (_, before) = cluster.client.get("/v1/cluster").await;
     let (status, body) = cluster
         .client
@@ -431,10 +356,10 @@ async fn count_through_a_job(client: &Client, rows: u64) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyless_reads_see_each_row_once_while_rows_move() {
-    let cluster = Cluster::start().await;
+    let cluster = start().await;
     let rows = ROWS as u64;
     // A node joins: after the switch the old owners keep their copies until the clean-up.
-    let n4 = cluster.add_n4().await;
+    let n4 = add_n4(&cluster).await;
     let phases = count_through_a_job(&cluster.client, rows).await;
     assert!(phases.iter().any(|p| p == "committed"), "{phases:?}");
     // It leaves again: its rows are copied to active nodes, which are read, before the switch.
@@ -473,8 +398,8 @@ async fn a_cancel_answered_before_a_proxy_crash_still_stops_the_job() {
 }
 
 async fn cancel_during_the_copy(kill_proxy: bool) {
-    let mut cluster = Cluster::start().await;
-    let _n4 = cluster.add_n4().await;
+    let mut cluster = start().await;
+    let _n4 = add_n4(&cluster).await;
     let (status, body) = cluster
         .client
         .post("/v1/cluster/rebalance", Value::Null)
@@ -503,7 +428,7 @@ async fn cancel_during_the_copy(kill_proxy: bool) {
         Some("joining")
     );
     for i in 1..=3 {
-        let db = cluster.dir.path().join(format!("n{i}.db"));
+        let db = cluster.db(&format!("n{i}"));
         assert_eq!(
             transfer_leftovers(&db),
             (0, 0),
