@@ -1,9 +1,11 @@
 //! Guarantees 2 and 4 under faults at moments no one chose: rounds of adding, removing and
 //! reweighting nodes while writers run, each job hit at a random moment by `kill -9` of the
 //! proxy or of a node (sometimes both), or by a node's pause (SIGSTOP), for a random time, and
-//! sometimes by a cancel too. The phased fault tests (`rebalance_faults.rs`) each stop one
-//! chosen step; this one lands between steps too, and on clusters that earlier jobs, kills and
-//! cancels have left behind.
+//! sometimes by a cancel too. Some rounds first run a migration that makes a table (now and
+//! then with the proxy killed while it applies it) and write rows to it, which later jobs move
+//! too. The phased fault tests (`rebalance_faults.rs`) each stop one chosen step; this one
+//! lands between steps too, and on clusters that earlier jobs, kills and cancels have left
+//! behind.
 //!
 //! Every round must end with the job done (a cancelled one is started again), `verify` clean,
 //! every weight change taken, no capture, change log or fence left on any node, and a node that
@@ -15,7 +17,7 @@ use serde_json::{Value, json};
 use shardlite_tests::history::{self, Rng, Writers};
 use shardlite_tests::{
     Spawned, SpawnedCluster, SpawnedNode, assert_verified, keys_in_file, member_state,
-    transfer_leftovers, wait_for_rebalance,
+    sample_migrations, transfer_leftovers, wait_for_rebalance,
 };
 use std::time::Duration;
 
@@ -35,6 +37,10 @@ struct Chaos {
     /// The shortest job so far, from its start to its end: faults land within this much of
     /// a job's start, so that most of them hit it while it runs.
     shortest_job: Duration,
+    /// Every migration applied so far: the sample's, then a table per chaos migration.
+    migrations: Vec<Value>,
+    /// The tables the chaos migrations made, and the rows written to each.
+    tables: Vec<(String, u64)>,
 }
 
 /// Sends `kill -SIG` to a node or proxy process.
@@ -67,6 +73,14 @@ impl Chaos {
             rng: Rng::new(seed),
             next_id: 4,
             shortest_job: Duration::from_millis(600),
+            migrations: serde_json::to_value(
+                shardlite::migrate::read_dir(&sample_migrations()).unwrap(),
+            )
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone(),
+            tables: Vec::new(),
         }
     }
 
@@ -177,6 +191,9 @@ impl Chaos {
     /// One round: a change, a job, a fault at a random moment (and perhaps a cancel), and the
     /// checks once the job is done.
     async fn round(&mut self, round: u64) {
+        if self.rng.below(4) == 0 {
+            self.migrate().await;
+        }
         let leaving = self.change().await;
         let fault = self.pick_fault();
         let fault_after =
@@ -278,8 +295,78 @@ impl Chaos {
         eprintln!("chaos: cancel answered {status}: {body}");
     }
 
+    /// A migration that makes a table, sometimes with the proxy killed while it applies it
+    /// (asked again, every node gets it); then rows in it, which later jobs move too.
+    async fn migrate(&mut self) {
+        let version = self.migrations.len() + 1;
+        let table = format!("chaos_{version}");
+        self.migrations.push(json!({
+            "version": version,
+            "name": table,
+            "sql": format!("CREATE TABLE {table} (id TEXT PRIMARY KEY, v INTEGER);"),
+        }));
+        let ask = json!({ "migrations": self.migrations });
+        eprintln!("chaos: migration {version} makes {table}");
+        if self.rng.below(3) == 0 {
+            let client = self.cluster.client.clone();
+            let body = bytes::Bytes::from(ask.to_string());
+            let call = tokio::spawn(async move {
+                client
+                    .try_raw(http::Method::POST, "/v1/cluster/migrations", Some(body))
+                    .await
+            });
+            tokio::time::sleep(Duration::from_millis(self.rng.below(12))).await;
+            self.cluster.proxy.kill();
+            let first = call.await.unwrap();
+            eprintln!("chaos: the proxy was killed while migrating: {first:?}");
+            self.cluster.restart_proxy();
+        }
+        let (status, body) = self
+            .cluster
+            .client
+            .post("/v1/cluster/migrations", ask)
+            .await;
+        assert_eq!(status, 200, "migration {version}: {body}");
+        let (_, ledgers) = self.cluster.client.get("/v1/cluster/migrations").await;
+        assert!(
+            ledgers["lagging"].as_array().is_none_or(Vec::is_empty),
+            "every node has migration {version}: {ledgers}"
+        );
+        let rows: Vec<Value> = (0..300)
+            .map(|i| json!({ "id": format!("{table}-{i}"), "v": i }))
+            .collect();
+        let (status, body) = self
+            .cluster
+            .client
+            .post(&format!("/v1/tables/{table}/rows"), json!({ "rows": rows }))
+            .await;
+        assert_eq!(status, 200, "rows into {table}: {body}");
+        self.tables.push((table, 300));
+    }
+
     async fn check_round(&mut self, round: u64, leaving: Option<String>) {
         assert_verified(&self.cluster.client).await;
+        for (table, rows) in &self.tables {
+            let (status, body) = self
+                .cluster
+                .client
+                .post(
+                    "/v1/sql",
+                    json!({ "sql": format!("SELECT count(*) FROM {table}") }),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let counted: u64 = body["results"][0]["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|row| row[0].as_u64().unwrap())
+                .sum();
+            assert_eq!(
+                counted, *rows,
+                "round {round}: every row of {table} is there once"
+            );
+        }
         let (_, topology) = self.cluster.client.get("/v1/cluster").await;
         for n in topology["nodes"].as_array().unwrap() {
             assert_eq!(
@@ -346,9 +433,10 @@ async fn random_kills_and_cancels_across_rebalances_lose_nothing() {
     assert!(acked > 0, "the writers got nothing acknowledged");
     let report = assert_verified(&chaos.cluster.client).await;
     let writer_rows = state.values().filter(|v| v.is_some()).count() as u64;
+    let table_rows: u64 = chaos.tables.iter().map(|(_, rows)| rows).sum();
     assert_eq!(
         report["rows_total"].as_u64().unwrap(),
-        ROWS as u64 + writer_rows,
+        ROWS as u64 + writer_rows + table_rows,
         "seed {seed}: no row lost or doubled: {report}"
     );
 }
