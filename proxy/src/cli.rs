@@ -879,6 +879,12 @@ async fn rebalance(args: RebalanceArgs, out: &mut dyn Write) -> anyhow::Result<E
                     format!("; weights: {}", weights.join(", "))
                 },
             )?;
+            let shares: Vec<String> = plan
+                .shares
+                .iter()
+                .map(|(id, s)| format!("{id} {:.1}% -> {:.1}%", s.now * 100.0, s.after * 100.0))
+                .collect();
+            writeln!(out, "ring shares: {}", shares.join(", "))?;
         }
         return Ok(ExitCode::SUCCESS);
     }

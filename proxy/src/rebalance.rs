@@ -272,6 +272,17 @@ pub struct DryRun {
     /// Active nodes whose weight changes when the job completes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub weights: Vec<WeightChange>,
+    /// Each node's share of the ring now and once the job is done (0 for a node that owns
+    /// nothing then), by id.
+    #[serde(default)]
+    pub shares: BTreeMap<String, ShareChange>,
+}
+
+/// A node's share of the ring (a fraction of 1) now and after the job.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct ShareChange {
+    pub now: f64,
+    pub after: f64,
 }
 
 /// An active node's pending weight, in the dry run.
@@ -387,6 +398,23 @@ pub async fn dry_run(state: &ProxyState) -> ProxyResult<DryRun> {
     let next = next_ring(&topology)?;
     let sources = sources(&topology, &next);
     let (rows_total, moves) = count(state, &topology, &sources).await?;
+    let share_in = |ring: &Ring, id: &str| {
+        ring.shares()
+            .into_iter()
+            .find(|(member, _)| member.as_str() == id)
+            .map_or(0.0, |(_, share)| share)
+    };
+    let shares = topology
+        .nodes
+        .iter()
+        .map(|n| {
+            let change = ShareChange {
+                now: share_in(&topology.ring, &n.id),
+                after: share_in(&next, &n.id),
+            };
+            (n.id.clone(), change)
+        })
+        .collect();
     Ok(DryRun {
         rows_total,
         rows_to_move: moves.iter().map(|m| m.rows).sum(),
@@ -404,6 +432,7 @@ pub async fn dry_run(state: &ProxyState) -> ProxyResult<DryRun> {
                 })
             })
             .collect(),
+        shares,
     })
 }
 

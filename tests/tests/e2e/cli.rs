@@ -221,9 +221,17 @@ fn nodes_rebalance_and_verify_commands_drive_a_membership_change() {
     let (code, out, err) = shardlite(&["rebalance", "--dry-run", "--proxy", url]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("would move; weights: n1 1 -> 2"), "{out}");
+    assert!(out.contains("ring shares: n1 "), "{out}");
     let plan = shardlite_json(&["rebalance", "--dry-run", "--proxy", url, "--json"]);
     for m in plan["moves"].as_array().unwrap() {
         assert_eq!(m["to"], "n1", "{plan}");
+    }
+    // n1 goes from a third of the ring to about a half; the others only shrink.
+    let share = |id: &str, when: &str| plan["shares"][id][when].as_f64().unwrap();
+    assert!((0.25..0.42).contains(&share("n1", "now")), "{plan}");
+    assert!((0.42..0.6).contains(&share("n1", "after")), "{plan}");
+    for id in ["n2", "n3"] {
+        assert!(share(id, "after") < share(id, "now"), "{plan}");
     }
     let n1_before = rows_of(&nodes[0].url);
     let (code, out, err) = shardlite(&["rebalance", "--proxy", url]);
