@@ -527,7 +527,11 @@ async fn remove_node(
         if node.state == MemberState::Joining {
             tx.execute("DELETE FROM nodes WHERE id = ?1", [&id])?;
         } else {
-            tx.execute("UPDATE nodes SET state = 'leaving' WHERE id = ?1", [&id])?;
+            // A pending weight no longer matters: the node gives away all it owns.
+            tx.execute(
+                "UPDATE nodes SET state = 'leaving', next_weight = NULL WHERE id = ?1",
+                [&id],
+            )?;
         }
         bump_epoch(tx)
     })?;

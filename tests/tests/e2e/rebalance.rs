@@ -524,6 +524,26 @@ async fn reweighting_a_node_moves_rows_only_to_or_from_it() {
     }
     let report = assert_verified(&client).await;
     assert!(report["rows_total"].as_u64().unwrap() >= still.len() as u64);
+
+    // A node removed with a weight pending gives all it owns away; the pending weight goes.
+    let (status, node) = client
+        .patch("/v1/cluster/nodes/n2", json!({ "weight": 2 }))
+        .await;
+    assert_eq!(status, 200, "{node}");
+    let (status, body) = client.delete("/v1/cluster/nodes/n2").await;
+    assert_eq!(status, 202, "{body}");
+    let (_, leaving) = client.get("/v1/cluster").await;
+    assert_eq!(weights(&leaving)["n2"], (1, None), "{leaving}");
+    let (status, body) = client
+        .patch("/v1/cluster/nodes/n2", json!({ "weight": 3 }))
+        .await;
+    assert_eq!(status, 409, "a leaving node's weight: {body}");
+    let done = rebalance_and_wait(&client).await;
+    assert_eq!(done["state"], "done", "{done}");
+    let (_, drained) = client.get("/v1/cluster").await;
+    assert_eq!(weights(&drained).keys().collect::<Vec<_>>(), ["n1", "n3"]);
+    let report = assert_verified(&client).await;
+    assert!(report["rows_total"].as_u64().unwrap() >= still.len() as u64);
     assert_no_leftovers(&cluster);
     cluster.stop().await;
 }
