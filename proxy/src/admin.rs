@@ -93,6 +93,12 @@ struct NodeStats {
     /// Rows per sharded table.
     #[serde(default)]
     tables: BTreeMap<String, u64>,
+    /// Change capture is on: a rebalance copies from the node.
+    #[serde(default)]
+    capturing: bool,
+    /// Fenced ranges in force.
+    #[serde(default)]
+    fences: usize,
 }
 
 async fn status(State(state): State<ProxyState>) -> Json<StatusResponse> {
@@ -422,7 +428,7 @@ async fn add_node(
         .call(&node.id, Method::GET, &node.url, "/healthz", None)
         .await?
         .ok(&node.id)?;
-    refuse_rows(&state, &node).await?;
+    refuse_unclean(&state, &node).await?;
     let set = migrate::known(&state)?;
     let schema = migrate::bring_up_to_date(&state, &node, &set).await?;
     state.cluster().update(|tx| {
@@ -459,13 +465,29 @@ fn check_weight(weight: u32) -> ProxyResult<u32> {
 /// A node joins empty, as Redis Cluster's `add-node` insists: no rebalance moves rows off a
 /// joining node, so rows it held when it joined would stay where no key routes to them (a key
 /// another node owns, or a stale copy of one) and `verify` would count them misplaced for good.
+/// It joins with no fence or change capture either: no job of this cluster leaves those on a
+/// node that is not a member, and a fence would refuse writes to ranges the node comes to own.
 /// The stats call only reads and never claims the node, so a refused node is left as it was.
-async fn refuse_rows(state: &ProxyState, node: &NodeInfo) -> ProxyResult<()> {
+async fn refuse_unclean(state: &ProxyState, node: &NodeInfo) -> ProxyResult<()> {
     let stats: NodeStats = state
         .upstream()
         .call(&node.id, Method::GET, &node.url, "/v1/stats", None)
         .await?
         .json(&node.id)?;
+    if stats.fences > 0 || stats.capturing {
+        return Err(ProxyError::Conflict(format!(
+            "the node at {} carries {} fence(s){} from a rebalance that is not this cluster's \
+             (its file comes from another cluster); start it on a fresh --db file, then add \
+             it again",
+            node.url,
+            stats.fences,
+            if stats.capturing {
+                " and change capture"
+            } else {
+                ""
+            }
+        )));
+    }
     if stats.rows == 0 {
         return Ok(());
     }

@@ -379,6 +379,49 @@ async fn a_node_that_holds_rows_is_refused_until_it_is_empty() {
     cluster.stop().await;
 }
 
+/// A node whose file carries a fence from a job of another cluster is refused: the fence
+/// would refuse writes to ranges the node comes to own. Lifted, the node joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_foreign_fence_is_refused_until_it_is_lifted() {
+    let cluster = TestCluster::start(2).await;
+    let client = cluster.client.clone();
+    let foreign = shardlite_tests::InProcessNode::start("x", cluster.dir.path().join("x.db")).await;
+    let node = Client::new(&foreign.url);
+    let (status, body) = node
+        .put(
+            "/v1/transfer/fences",
+            json!({ "job": "rebalance-elsewhere", "ranges": [[0, 1000]] }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, before) = client.get("/v1/cluster").await;
+    let (status, body) = client
+        .post(
+            "/v1/cluster/nodes",
+            json!({ "id": "n3", "url": foreign.url }),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("carries 1 fence(s)") && error.contains("fresh --db file"),
+        "{error}"
+    );
+    let (_, after) = client.get("/v1/cluster").await;
+    assert_eq!(after, before, "a refused node changes nothing");
+
+    let (status, body) = node.delete("/v1/transfer/fences").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = client
+        .post(
+            "/v1/cluster/nodes",
+            json!({ "id": "n3", "url": foreign.url }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    cluster.stop().await;
+}
+
 /// A joining node replaced by an empty one (its disk lost) has no tables: the job fails for
 /// good, saying which node is behind and what to run, and nothing switched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
