@@ -71,7 +71,9 @@ const PURGE_PAGE: usize = 500;
 const CLEANUP_SAVE_EVERY: Duration = Duration::from_millis(500);
 /// The clean-up rests after each purge page for as long as the page took (up to this), so a
 /// source's disk spends at most about half its time on deleting copies that no one reads, and
-/// client writes there find it less busy. A slow page (a busy disk) earns a longer rest.
+/// client writes there find it less busy. A slow page (a busy disk) earns a longer rest. It
+/// does not rest while the node answers no client writes (its write count stands still from
+/// one page to the next): no one waits then.
 const MAX_CLEANUP_REST: Duration = Duration::from_millis(100);
 /// The error of a job stopped by `DELETE /v1/cluster/rebalance`.
 pub const CANCELLED: &str = "cancelled before the switch; every row stays with its old owner";
@@ -1059,6 +1061,8 @@ async fn purge(
     on_page: impl Fn(u64, Option<&PurgeAt>) -> ProxyResult<()>,
 ) -> ProxyResult<()> {
     let mut at = from;
+    // The node's client write count after the previous page (see MAX_CLEANUP_REST).
+    let mut writes_before: Option<u64> = None;
     loop {
         let started = Instant::now();
         let after = at.as_ref().and_then(|at| at.after.clone());
@@ -1095,7 +1099,9 @@ async fn purge(
         };
         on_page(page.deleted, Some(&next))?;
         at = Some(next);
-        if paced {
+        let idle = !restarted && page.writes.is_some() && page.writes == writes_before;
+        writes_before = page.writes;
+        if paced && !idle {
             tokio::time::sleep(started.elapsed().min(MAX_CLEANUP_REST)).await;
         }
     }
@@ -1647,6 +1653,16 @@ mod tests {
         script: fn(usize) -> (&'static str, bool),
         on_request: impl Fn(usize) + Clone + Send + Sync + 'static,
     ) -> (String, Arc<Mutex<Vec<Value>>>) {
+        fake_purge_node_writing(script, |_| None, on_request).await
+    }
+
+    /// [`fake_purge_node`], whose page `n` also says the node's client write count is
+    /// `writes(n)`.
+    async fn fake_purge_node_writing(
+        script: fn(usize) -> (&'static str, bool),
+        writes: fn(usize) -> Option<u64>,
+        on_request: impl Fn(usize) + Clone + Send + Sync + 'static,
+    ) -> (String, Arc<Mutex<Vec<Value>>>) {
         let requests: Arc<Mutex<Vec<Value>>> = Arc::default();
         let seen = Arc::clone(&requests);
         let ok = || async { axum::Json(json!({})) };
@@ -1670,6 +1686,7 @@ mod tests {
                             "done": done,
                             "next": if done { Value::Null } else { next },
                             "instance": instance,
+                            "writes": writes(page),
                         }))
                     }
                 }),
@@ -1819,6 +1836,56 @@ mod tests {
                     "{gaps:?}"
                 );
             }
+        }
+    }
+
+    /// Paced, the purge does not rest while the node's client write count stands still: no
+    /// client write waits there. It rests again once the count moves.
+    #[tokio::test]
+    async fn a_paced_purge_rests_only_while_the_node_takes_client_writes() {
+        let steady: fn(usize) -> Option<u64> = |_| Some(7);
+        let moving: fn(usize) -> Option<u64> = |page| Some(page as u64 / 2);
+        for (writes, resting) in [
+            (steady, [true, false, false]),
+            (moving, [true, true, false]),
+        ] {
+            let arrived: Arc<Mutex<Vec<Instant>>> = Arc::default();
+            let log = Arc::clone(&arrived);
+            let (url, _) = fake_purge_node_writing(
+                |page| ("one", page >= 4),
+                writes,
+                move |_| {
+                    log.lock().unwrap().push(Instant::now());
+                    std::thread::sleep(Duration::from_millis(50));
+                },
+            )
+            .await;
+            let dir = tempfile::tempdir().unwrap();
+            let state = test_state(&dir);
+            purge(&state, "n1", &url, &[[0, 9]], None, true, |_, _| Ok(()))
+                .await
+                .unwrap();
+            let arrived = arrived.lock().unwrap();
+            let gaps: Vec<Duration> = arrived.windows(2).map(|w| w[1] - w[0]).collect();
+            for (gap, rests) in gaps.iter().zip(resting) {
+                if rests {
+                    assert!(*gap >= Duration::from_millis(100), "{gaps:?}");
+                }
+            }
+            // The pages without a rest: at least one of them comes within the rest's time (a
+            // loaded machine could stretch one gap, hardly all).
+            let unrested: Vec<&Duration> = gaps
+                .iter()
+                .zip(resting)
+                .filter(|(_, rests)| !rests)
+                .map(|(gap, _)| gap)
+                .collect();
+            assert!(
+                unrested
+                    .iter()
+                    .any(|gap| **gap < Duration::from_millis(100)),
+                "{gaps:?}"
+            );
         }
     }
 

@@ -216,6 +216,11 @@ pub struct PurgeResponse {
     /// sync, so a crash of the machine can undo them, and always restarts the process: a
     /// caller that sees this change between pages starts the purge over.
     pub instance: String,
+    /// Client writes the node process has answered since it started (`writes` of
+    /// `GET /v1/stats`), read after the page: a caller that sees it unchanged between two
+    /// pages knows no client write came in meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writes: Option<u64>,
 }
 
 /// `POST /v1/transfer/tally` body.
@@ -798,6 +803,8 @@ pub(crate) fn purge(
         done,
         next,
         instance: instance(),
+        // The HTTP handler fills this in from the node's state.
+        writes: None,
     })
 }
 

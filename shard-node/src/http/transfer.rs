@@ -160,7 +160,7 @@ async fn purge(
             ));
         }
     };
-    let response = state
+    let mut response = state
         .write(move |state, conn| {
             let after = after.as_ref().map(|(t, from)| (t.as_str(), from.clone()));
             transfer::purge(
@@ -173,6 +173,7 @@ async fn purge(
             )
         })
         .await?;
+    response.writes = Some(state.write_counts().0);
     Ok(Json(response))
 }
 
