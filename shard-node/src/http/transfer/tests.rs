@@ -829,6 +829,10 @@ async fn purge_deletes_only_rows_in_range_in_pages() {
     )
     .await;
 
+    // Each page says how many client writes the node has answered: the setup's, not moved by
+    // the purge, which is not one.
+    let writes = ok(&node, "GET", "/v1/stats", None).await["writes"].clone();
+    assert!(writes.as_u64().unwrap() > 0, "{writes}");
     let mut deleted = 0;
     let mut calls = 0;
     loop {
@@ -841,6 +845,7 @@ async fn purge_deletes_only_rows_in_range_in_pages() {
         .await;
         calls += 1;
         assert_eq!(body["instance"], crate::transfer::instance(), "{body}");
+        assert_eq!(body["writes"], writes, "{body}");
         // A page commits without its own sync only for that commit: the writer is back to the
         // configured FULL after it, so client writes still sync.
         let synchronous = node
@@ -876,7 +881,12 @@ async fn purge_deletes_only_rows_in_range_in_pages() {
             Some(json!({"ranges": [[LOW.0, LOW.1]]}))
         )
         .await,
-        json!({"deleted": 0, "done": true, "instance": crate::transfer::instance()})
+        json!({
+            "deleted": 0,
+            "done": true,
+            "instance": crate::transfer::instance(),
+            "writes": writes,
+        })
     );
     let (status, _) = node
         .call(
