@@ -427,7 +427,8 @@ impl AdminClient {
             .map_err(|e| {
                 // The upstream client names its peer a node; here it is the proxy.
                 let why = match e {
-                    crate::error::ProxyError::ShardUnavailable { reason, .. } => reason,
+                    crate::error::ProxyError::ShardUnavailable { reason, .. }
+                    | crate::error::ProxyError::ShardBrokeOff { reason, .. } => reason,
                     crate::error::ProxyError::ShardTimeout { after, .. } => {
                         format!("no answer within {} s", after.as_secs())
                     }

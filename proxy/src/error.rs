@@ -37,6 +37,10 @@ pub enum ProxyError {
     /// The node that owns the data did not accept a connection.
     #[error("node {node} is unavailable: {reason}")]
     ShardUnavailable { node: String, reason: String },
+    /// The call broke off after the request went out (the connection closed, or the answer
+    /// stopped half-way): the node may or may not have applied it.
+    #[error("node {node} is unavailable: {reason} (it may have applied the request)")]
+    ShardBrokeOff { node: String, reason: String },
     /// The node that owns the data did not answer in time.
     #[error("node {node} did not answer within {}ms", after.as_millis())]
     ShardTimeout { node: String, after: Duration },
@@ -64,6 +68,18 @@ pub enum ProxyError {
 pub type ProxyResult<T> = Result<T, ProxyError>;
 
 impl ProxyError {
+    /// Whether the node may have applied the request although the call failed: the call broke
+    /// off after the request went out, it timed out, or the node's success answer could not be
+    /// read. Every other error means the node did nothing.
+    pub fn in_doubt(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::ShardBrokeOff { .. }
+                | ProxyError::ShardTimeout { .. }
+                | ProxyError::BadNodeAnswer { .. }
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -73,6 +89,7 @@ impl ProxyError {
             ProxyError::Conflict(_) => StatusCode::CONFLICT,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ShardUnavailable { .. }
+            | ProxyError::ShardBrokeOff { .. }
             | ProxyError::NoNodes
             | ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ShardTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -98,6 +115,10 @@ impl ProxyError {
             ProxyError::Conflict(m) => ProxyError::Conflict(m.clone()),
             ProxyError::PayloadTooLarge { limit } => ProxyError::PayloadTooLarge { limit: *limit },
             ProxyError::ShardUnavailable { node, reason } => ProxyError::ShardUnavailable {
+                node: node.clone(),
+                reason: reason.clone(),
+            },
+            ProxyError::ShardBrokeOff { node, reason } => ProxyError::ShardBrokeOff {
                 node: node.clone(),
                 reason: reason.clone(),
             },
@@ -153,7 +174,10 @@ impl IntoResponse for ProxyError {
         }
         let retry = matches!(
             self,
-            ProxyError::ShardUnavailable { .. } | ProxyError::NoNodes | ProxyError::Overloaded(_)
+            ProxyError::ShardUnavailable { .. }
+                | ProxyError::ShardBrokeOff { .. }
+                | ProxyError::NoNodes
+                | ProxyError::Overloaded(_)
         );
         let challenge = matches!(self, ProxyError::Unauthorized(_));
         let mut response = (status, error_body(&self.message())).into_response();

@@ -640,7 +640,9 @@ async fn step_pause(state: &ProxyState) {
 fn transient(error: &ProxyError) -> bool {
     matches!(
         error,
-        ProxyError::ShardUnavailable { .. } | ProxyError::ShardTimeout { .. }
+        ProxyError::ShardUnavailable { .. }
+            | ProxyError::ShardBrokeOff { .. }
+            | ProxyError::ShardTimeout { .. }
     ) || matches!(error, ProxyError::Node { status, .. } if status.is_server_error())
 }
 

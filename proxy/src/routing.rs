@@ -320,24 +320,47 @@ async fn upsert_rows(
         return Ok(axum::Json(json!({ "upserted": upserted })).into_response());
     }
     let status = failures[0].2.status();
+    // A shard's rows are not written when its node refused them or was never reached; when
+    // the call broke off after it went out (or timed out), the node may have written them.
     let mut not_written = Vec::new();
+    let mut maybe_written = Vec::new();
     let mut reasons = Vec::new();
     for (node, keys, error) in failures {
         reasons.push(format!("node {node}: {}", error.message()));
-        not_written.extend(keys);
+        if error.in_doubt() {
+            maybe_written.extend(keys);
+        } else {
+            not_written.extend(keys);
+        }
     }
-    tracing::warn!(table = %table, failed = not_written.len(), "batch partly failed");
+    tracing::warn!(
+        table = %table,
+        failed = not_written.len(),
+        in_doubt = maybe_written.len(),
+        "batch partly failed"
+    );
+    let mut said = Vec::new();
+    if !not_written.is_empty() {
+        said.push(format!("{} were not written", not_written.len()));
+    }
+    if !maybe_written.is_empty() {
+        said.push(format!(
+            "{} may or may not have been written",
+            maybe_written.len()
+        ));
+    }
     Ok((
         status,
         axum::Json(json!({
             "error": format!(
-                "{} of {} rows were not written: {}",
-                not_written.len(),
+                "of {} rows, {}: {}",
                 batch.rows.len(),
+                said.join(" and "),
                 reasons.join("; ")
             ),
             "upserted": upserted,
             "not_written": not_written,
+            "maybe_written": maybe_written,
         })),
     )
         .into_response())

@@ -193,8 +193,9 @@ impl Upstream {
     }
 
     /// Sends one request to `base_url` + `path` and reads the whole answer. `who` names the
-    /// node in errors. A refused or timed-out connect is `ShardUnavailable`; no complete answer
-    /// within the request timeout is `ShardTimeout`.
+    /// node in errors. A refused or timed-out connect is `ShardUnavailable`; a call that breaks
+    /// off once connected is `ShardBrokeOff`; no complete answer within the request timeout is
+    /// `ShardTimeout`.
     pub async fn call(
         &self,
         who: &str,
@@ -433,14 +434,17 @@ impl Client {
             .map_err(|e| ProxyError::BadRequest(format!("cannot build a request to {uri}: {e}")))?;
         let call = async {
             let response = self.client.request(request).await.map_err(|e| {
-                let reason = if e.is_connect() {
-                    format!("cannot connect to {base_url}: {}", source_chain(&e))
+                if e.is_connect() {
+                    ProxyError::ShardUnavailable {
+                        node: who.to_owned(),
+                        reason: format!("cannot connect to {base_url}: {}", source_chain(&e)),
+                    }
                 } else {
-                    format!("request to {base_url} failed: {}", source_chain(&e))
-                };
-                ProxyError::ShardUnavailable {
-                    node: who.to_owned(),
-                    reason,
+                    // Connected: the request may have gone out and been applied.
+                    ProxyError::ShardBrokeOff {
+                        node: who.to_owned(),
+                        reason: format!("request to {base_url} failed: {}", source_chain(&e)),
+                    }
                 }
             })?;
             let status = response.status();
@@ -464,7 +468,7 @@ impl Client {
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| ProxyError::ShardUnavailable {
+                .map_err(|e| ProxyError::ShardBrokeOff {
                     node: who.to_owned(),
                     reason: format!("answer from {base_url} broke off: {e}"),
                 })?

@@ -309,6 +309,64 @@ async fn a_batch_that_fails_on_one_shard_names_the_keys_not_written() {
     cluster.stop().await;
 }
 
+/// A node that takes the batch and closes the connection without an answer (as one killed
+/// right after its commit would) may have written its rows: they are named `maybe_written`,
+/// never `not_written`, which promises they were not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_call_breaks_off_names_its_keys_maybe_written() {
+    let mut cluster = TestCluster::start(3).await;
+    let c = cluster.client.clone();
+    let (_, topology) = c.get("/v1/cluster").await;
+    let ring = shardlite_tests::ring_of(&topology);
+    let port: u16 = cluster.nodes[1]
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    cluster.nodes[1].stop().await; // n2
+    // In its place: read a request, then hang up.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await;
+            });
+        }
+    });
+    let keys: Vec<String> = (0..60).map(|i| format!("cut{i}")).collect();
+    let rows: Vec<Value> = keys.iter().map(|k| json!({ "id": k })).collect();
+    let (status, body) = c
+        .post("/v1/tables/users/rows", json!({ "rows": rows }))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let mut on_n2: Vec<String> = keys
+        .iter()
+        .filter(|k| ring.lookup(k).unwrap().as_str() == "n2")
+        .cloned()
+        .collect();
+    on_n2.sort();
+    assert!(!on_n2.is_empty());
+    let mut maybe: Vec<String> = serde_json::from_value(body["maybe_written"].clone()).unwrap();
+    maybe.sort();
+    assert_eq!(maybe, on_n2, "exactly n2's keys are in doubt: {body}");
+    assert_eq!(body["not_written"], json!([]), "{body}");
+    assert_eq!(body["upserted"], json!(keys.len() - on_n2.len()));
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("may or may not have been written") && error.contains("n2"),
+        "{error}"
+    );
+    cluster.stop().await;
+}
+
 /// Under load the proxy sends a node's waiting row requests together (`POST /v1/ops`). Every
 /// request must still get its own answer: its own row, its own 404, its own write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
