@@ -71,6 +71,9 @@ enum Write {
     Sql(&'static str),
     /// A keyed statement list: insert if absent, then set the name; one transaction.
     Statements,
+    /// A batch upsert of the key and up to two more of the writer's keys, perhaps on other
+    /// shards: one transaction per shard.
+    Batch,
 }
 
 fn write_kind(rng: &mut Rng) -> Write {
@@ -83,7 +86,8 @@ fn write_kind(rng: &mut Rng) -> Write {
              ON CONFLICT (id) DO UPDATE SET name = excluded.name",
         ),
         // REPLACE deletes the old row first: its change capture must see that delete.
-        16..=17 => Write::Sql("INSERT OR REPLACE INTO {table} (id, name) VALUES (?1, ?2)"),
+        16 => Write::Sql("INSERT OR REPLACE INTO {table} (id, name) VALUES (?1, ?2)"),
+        17 => Write::Batch,
         _ => Write::Statements,
     }
 }
@@ -109,22 +113,25 @@ pub async fn write_until(
         n += 1;
         let started = Instant::now();
         let value = format!("{key}#{seed}-{n}");
-        let (result, method, target, body) = match write_kind(&mut rng) {
-            Write::Put => (
-                Some(value.clone()),
-                http::Method::PUT,
-                path.clone(),
-                json!({ "name": value }),
-            ),
-            Write::Delete => (None, http::Method::DELETE, path.clone(), Value::Null),
-            Write::Sql(sql) => (
-                sql.contains("INSERT").then(|| value.clone()),
-                http::Method::POST,
-                "/v1/sql".to_owned(),
-                json!({ "key": key, "sql": sql.replace("{table}", table), "params": [key, value] }),
-            ),
+        // What the request writes: (key, the state it leaves the key in).
+        let mut writes = vec![(key.clone(), Some(value.clone()))];
+        let (method, target, body) = match write_kind(&mut rng) {
+            Write::Put => (http::Method::PUT, path.clone(), json!({ "name": value })),
+            Write::Delete => {
+                writes[0].1 = None;
+                (http::Method::DELETE, path.clone(), Value::Null)
+            }
+            Write::Sql(sql) => {
+                if !sql.contains("INSERT") {
+                    writes[0].1 = None;
+                }
+                (
+                    http::Method::POST,
+                    "/v1/sql".to_owned(),
+                    json!({ "key": key, "sql": sql.replace("{table}", table), "params": [key, value] }),
+                )
+            }
             Write::Statements => (
-                Some(value.clone()),
                 http::Method::POST,
                 "/v1/sql".to_owned(),
                 json!({
@@ -141,34 +148,49 @@ pub async fn write_until(
                     ],
                 }),
             ),
+            Write::Batch => {
+                // Two more of the writer's keys (they may land on other shards).
+                for i in 0..2 {
+                    let other = &keys[rng.below(keys.len() as u64) as usize];
+                    if writes.iter().all(|(k, _)| k != other) {
+                        writes.push((other.clone(), Some(format!("{other}#{seed}-{n}.{i}"))));
+                    }
+                }
+                let rows: Vec<Value> = writes
+                    .iter()
+                    .map(|(k, v)| json!({ "id": k, "name": v }))
+                    .collect();
+                (
+                    http::Method::POST,
+                    format!("/v1/tables/{table}/rows"),
+                    json!({ "rows": rows }),
+                )
+            }
         };
         let body = (!body.is_null()).then(|| bytes::Bytes::from(body.to_string()));
         let answer = client.try_raw(method, &target, body).await;
         log.longest = log.longest.max(started.elapsed());
-        let outcome = match &answer {
-            Ok((status, _)) if status.is_success() => Outcome::Acked,
-            Ok((StatusCode::NOT_FOUND, _)) if result.is_none() => Outcome::Acked,
-            Ok((status, _)) if status.is_client_error() => Outcome::Refused,
-            _ => Outcome::Indeterminate,
-        };
-        if !matches!(outcome, Outcome::Acked) {
+        let outcomes = outcomes(&answer, &writes);
+        if outcomes.iter().any(|o| !matches!(o, Outcome::Acked)) {
             log.errors += 1;
         }
-        match outcome {
-            Outcome::Acked => {
-                unsure.insert(key.clone(), false);
-                known.insert(key.clone(), result.clone());
+        for ((key, result), outcome) in writes.into_iter().zip(outcomes) {
+            match outcome {
+                Outcome::Acked => {
+                    unsure.insert(key.clone(), false);
+                    known.insert(key.clone(), result.clone());
+                }
+                Outcome::Indeterminate => {
+                    unsure.insert(key.clone(), true);
+                }
+                Outcome::Refused => {}
             }
-            Outcome::Indeterminate => {
-                unsure.insert(key.clone(), true);
-            }
-            Outcome::Refused => {}
+            log.ops.push(Op {
+                key,
+                result,
+                outcome,
+            });
         }
-        log.ops.push(Op {
-            key: key.clone(),
-            result,
-            outcome,
-        });
         let check_read = rng.below(3) == 0 && !unsure.get(&key).copied().unwrap_or(false);
         if check_read
             && let (Ok((status, row)), Some(expected)) = (
@@ -186,6 +208,55 @@ pub async fn write_until(
         }
     }
     log
+}
+
+/// What became of each of a request's writes, as its answer says. A batch that failed on some
+/// shards names the keys it did not write (`not_written`, definitely not applied) and those it
+/// cannot tell about (`maybe_written`); every other key of it was written.
+fn outcomes(
+    answer: &Result<(StatusCode, Value), shardlite::error::ProxyError>,
+    writes: &[(String, KeyState)],
+) -> Vec<Outcome> {
+    let single = |outcome: Outcome| vec![outcome; writes.len()];
+    let (status, body) = match answer {
+        Ok(answer) => answer,
+        Err(_) => return single(Outcome::Indeterminate),
+    };
+    if status.is_success() {
+        return single(Outcome::Acked);
+    }
+    if writes.len() == 1 {
+        return single(match *status {
+            StatusCode::NOT_FOUND if writes[0].1.is_none() => Outcome::Acked,
+            status if status.is_client_error() => Outcome::Refused,
+            _ => Outcome::Indeterminate,
+        });
+    }
+    let named = |field: &str| -> Option<Vec<&str>> {
+        body[field]
+            .as_array()
+            .map(|keys| keys.iter().filter_map(Value::as_str).collect())
+    };
+    match (named("not_written"), named("maybe_written")) {
+        (Some(not), maybe) => {
+            let maybe = maybe.unwrap_or_default();
+            writes
+                .iter()
+                .map(|(key, _)| {
+                    if maybe.contains(&key.as_str()) {
+                        Outcome::Indeterminate
+                    } else if not.contains(&key.as_str()) {
+                        Outcome::Refused
+                    } else {
+                        Outcome::Acked
+                    }
+                })
+                .collect()
+        }
+        // Refused whole, before anything was written.
+        _ if status.is_client_error() => single(Outcome::Refused),
+        _ => single(Outcome::Indeterminate),
+    }
 }
 
 /// The state a GET answer shows; `None` when the answer says nothing (an error).
