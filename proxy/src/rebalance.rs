@@ -1802,29 +1802,36 @@ mod tests {
         assert!(!cancel_recorded(&reopened, "job-1").unwrap());
     }
 
+    /// The times between the 4 pages of a purge (`paced` or not) against a fake node whose
+    /// pages take 50 ms each and whose page `n` reports the client write count `writes(n)`.
+    async fn purge_gaps(paced: bool, writes: fn(usize) -> Option<u64>) -> Vec<Duration> {
+        let arrived: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let log = Arc::clone(&arrived);
+        let (url, _) = fake_purge_node_writing(
+            |page| ("one", page >= 4),
+            writes,
+            move |_| {
+                log.lock().unwrap().push(Instant::now());
+                std::thread::sleep(Duration::from_millis(50));
+            },
+        )
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = test_state(&dir);
+        purge(&state, "n1", &url, &[[0, 9]], None, paced, |_, _| Ok(()))
+            .await
+            .unwrap();
+        let arrived = arrived.lock().unwrap();
+        assert_eq!(arrived.len(), 4);
+        arrived.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
     /// Paced, the purge rests after each page for as long as the page took, so a node whose
     /// pages take 50 ms sees the next one at least 100 ms after the last; unpaced, at once.
     #[tokio::test]
     async fn a_paced_purge_rests_as_long_as_each_page_took() {
         for paced in [true, false] {
-            let arrived: Arc<Mutex<Vec<Instant>>> = Arc::default();
-            let log = Arc::clone(&arrived);
-            let (url, _) = fake_purge_node(
-                |page| ("one", page >= 4),
-                move |_| {
-                    log.lock().unwrap().push(Instant::now());
-                    std::thread::sleep(Duration::from_millis(50));
-                },
-            )
-            .await;
-            let dir = tempfile::tempdir().unwrap();
-            let state = test_state(&dir);
-            purge(&state, "n1", &url, &[[0, 9]], None, paced, |_, _| Ok(()))
-                .await
-                .unwrap();
-            let arrived = arrived.lock().unwrap();
-            assert_eq!(arrived.len(), 4);
-            let gaps: Vec<Duration> = arrived.windows(2).map(|w| w[1] - w[0]).collect();
+            let gaps = purge_gaps(paced, |_| None).await;
             if paced {
                 assert!(
                     gaps.iter().all(|gap| *gap >= Duration::from_millis(100)),
@@ -1851,24 +1858,7 @@ mod tests {
             (steady, [true, false, false]),
             (moving, [true, true, false]),
         ] {
-            let arrived: Arc<Mutex<Vec<Instant>>> = Arc::default();
-            let log = Arc::clone(&arrived);
-            let (url, _) = fake_purge_node_writing(
-                |page| ("one", page >= 4),
-                writes,
-                move |_| {
-                    log.lock().unwrap().push(Instant::now());
-                    std::thread::sleep(Duration::from_millis(50));
-                },
-            )
-            .await;
-            let dir = tempfile::tempdir().unwrap();
-            let state = test_state(&dir);
-            purge(&state, "n1", &url, &[[0, 9]], None, true, |_, _| Ok(()))
-                .await
-                .unwrap();
-            let arrived = arrived.lock().unwrap();
-            let gaps: Vec<Duration> = arrived.windows(2).map(|w| w[1] - w[0]).collect();
+            let gaps = purge_gaps(true, writes).await;
             for (gap, rests) in gaps.iter().zip(resting) {
                 if rests {
                     assert!(*gap >= Duration::from_millis(100), "{gaps:?}");

@@ -118,18 +118,8 @@ impl Chaos {
             if self.rng.below(4) == 0 {
                 // The proxy dies while it adds the node (asking it, migrating it, recording
                 // it); asked again, the add is either done or does it all again.
-                let client = self.cluster.client.clone();
-                let body = bytes::Bytes::from(ask.to_string());
-                let call = tokio::spawn(async move {
-                    client
-                        .try_raw(http::Method::POST, "/v1/cluster/nodes", Some(body))
-                        .await
-                });
-                tokio::time::sleep(Duration::from_millis(self.rng.below(40))).await;
-                self.cluster.proxy.kill();
-                let first = call.await.unwrap();
-                eprintln!("chaos: the proxy was killed while adding {id}: {first:?}");
-                self.cluster.restart_proxy();
+                self.kill_the_proxy_during("/v1/cluster/nodes", &ask, 40)
+                    .await;
             }
             let (status, body) = self.cluster.client.post("/v1/cluster/nodes", ask).await;
             let recorded_before = status == 409
@@ -295,6 +285,20 @@ impl Chaos {
         eprintln!("chaos: cancel answered {status}: {body}");
     }
 
+    /// Sends `POST path` with `body` and kills the proxy up to `within_ms` later, then starts
+    /// it again; the caller asks again and checks what came of it.
+    async fn kill_the_proxy_during(&mut self, path: &'static str, body: &Value, within_ms: u64) {
+        let client = self.cluster.client.clone();
+        let body = bytes::Bytes::from(body.to_string());
+        let call =
+            tokio::spawn(async move { client.try_raw(http::Method::POST, path, Some(body)).await });
+        tokio::time::sleep(Duration::from_millis(self.rng.below(within_ms))).await;
+        self.cluster.proxy.kill();
+        let first = call.await.unwrap();
+        eprintln!("chaos: the proxy was killed during POST {path}: {first:?}");
+        self.cluster.restart_proxy();
+    }
+
     /// A migration that makes a table, sometimes with the proxy killed while it applies it
     /// (asked again, every node gets it); then rows in it, which later jobs move too.
     async fn migrate(&mut self) {
@@ -308,18 +312,8 @@ impl Chaos {
         let ask = json!({ "migrations": self.migrations });
         eprintln!("chaos: migration {version} makes {table}");
         if self.rng.below(3) == 0 {
-            let client = self.cluster.client.clone();
-            let body = bytes::Bytes::from(ask.to_string());
-            let call = tokio::spawn(async move {
-                client
-                    .try_raw(http::Method::POST, "/v1/cluster/migrations", Some(body))
-                    .await
-            });
-            tokio::time::sleep(Duration::from_millis(self.rng.below(12))).await;
-            self.cluster.proxy.kill();
-            let first = call.await.unwrap();
-            eprintln!("chaos: the proxy was killed while migrating: {first:?}");
-            self.cluster.restart_proxy();
+            self.kill_the_proxy_during("/v1/cluster/migrations", &ask, 12)
+                .await;
         }
         let (status, body) = self
             .cluster
