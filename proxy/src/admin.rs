@@ -416,6 +416,7 @@ async fn add_node(
             existing.id
         )));
     }
+    fits_the_ring(&topology, &request.id, |n| n.weight = weight)?;
     let node = NodeInfo {
         id: request.id.clone(),
         url,
@@ -620,7 +621,11 @@ async fn patch_node(
         .ok_or_else(|| ProxyError::NotFound(format!("no node {id}")))?
         .clone();
     if let Some(weight) = weight {
-        weight_change(&node, weight)?;
+        let (now, next) = weight_change(&node, weight)?;
+        fits_the_ring(&topology, &node.id, |n| {
+            n.weight = now;
+            n.next_weight = next;
+        })?;
     }
     if let Some(url) = url {
         set_node_url(&state, &topology, &node, &url, request.force).await?;
@@ -650,6 +655,33 @@ fn weight_change(node: &NodeInfo, weight: u32) -> ProxyResult<(u32, Option<u32>)
             node.id
         ))),
     }
+}
+
+/// Checks that the ring after the next rebalance can be built once `change` is applied to node
+/// `id` (or once it joins, if the topology lacks it): the ring has a most points it holds, and
+/// a typo'd weight must be refused now, not when the rebalance starts.
+fn fits_the_ring(
+    topology: &Topology,
+    id: &str,
+    change: impl FnOnce(&mut NodeInfo),
+) -> ProxyResult<()> {
+    let mut nodes = topology.nodes.clone();
+    match nodes.iter_mut().find(|n| n.id == id) {
+        Some(node) => change(node),
+        None => {
+            let mut node = NodeInfo {
+                id: id.to_owned(),
+                url: String::new(),
+                state: MemberState::Joining,
+                weight: 1,
+                next_weight: None,
+            };
+            change(&mut node);
+            nodes.push(node);
+        }
+    }
+    let after = Topology::new(topology.epoch, topology.vnodes, nodes)?;
+    rebalance::next_ring(&after).map(drop)
 }
 
 /// Records a node's new weight (see [`weight_change`]); the plan of the next rebalance
@@ -822,6 +854,34 @@ mod tests {
         assert!(matches!(check_weight(0), Err(ProxyError::BadRequest(_))));
         assert!(matches!(check_weight(1001), Err(ProxyError::BadRequest(_))));
         assert_eq!(check_weight(1000).unwrap(), 1000);
+    }
+
+    /// A weight whose ring would exceed the ring's most points is refused when it is set (or
+    /// the node added), not when the rebalance starts.
+    #[test]
+    fn a_weight_the_ring_cannot_hold_is_refused_up_front() {
+        let topology = Topology::new(
+            1,
+            1 << 15,
+            vec![
+                NodeInfo::test("a", MemberState::Active),
+                NodeInfo::test("b", MemberState::Active),
+            ],
+        )
+        .unwrap();
+        let set = |id: &str, weight: u32| {
+            fits_the_ring(&topology, id, |n| {
+                if n.state == MemberState::Active {
+                    n.next_weight = Some(weight);
+                } else {
+                    n.weight = weight;
+                }
+            })
+        };
+        assert!(set("a", 2).is_ok());
+        assert!(matches!(set("a", 1000), Err(ProxyError::BadRequest(_))));
+        assert!(set("c", 3).is_ok(), "a new node of weight 3");
+        assert!(matches!(set("c", 1000), Err(ProxyError::BadRequest(_))));
     }
 
     fn report(misplaced: &[(&str, u64)]) -> VerifyResponse {
