@@ -39,7 +39,7 @@ pub enum ProxyError {
     ShardUnavailable { node: String, reason: String },
     /// The call broke off after the request went out (the connection closed, or the answer
     /// stopped half-way): the node may or may not have applied it.
-    #[error("node {node} is unavailable: {reason} (it may have applied the request)")]
+    #[error("node {node} is unavailable: {reason} (a write may have been applied there)")]
     ShardBrokeOff { node: String, reason: String },
     /// The node that owns the data did not answer in time.
     #[error("node {node} did not answer within {}ms", after.as_millis())]
