@@ -15,6 +15,7 @@ use http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shardlite_node::key::ShardKey;
+use shardlite_node::stats::StatsResponse;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
@@ -86,21 +87,6 @@ pub struct StatusResponse {
     pub rebalance: RebalanceStatus,
 }
 
-#[derive(Deserialize)]
-struct NodeStats {
-    rows: u64,
-    bytes: u64,
-    /// Rows per sharded table.
-    #[serde(default)]
-    tables: BTreeMap<String, u64>,
-    /// Change capture is on: a rebalance copies from the node.
-    #[serde(default)]
-    capturing: bool,
-    /// Fenced ranges in force.
-    #[serde(default)]
-    fences: usize,
-}
-
 async fn status(State(state): State<ProxyState>) -> Json<StatusResponse> {
     let topology = state.cluster().topology();
     let shares: HashMap<String, f64> = topology
@@ -116,7 +102,7 @@ async fn status(State(state): State<ProxyState>) -> Json<StatusResponse> {
                 .upstream()
                 .call(&node.id, Method::GET, &node.url, "/v1/stats", None)
                 .await
-                .and_then(|reply| reply.json::<NodeStats>(&node.id))
+                .and_then(|reply| reply.json::<StatsResponse>(&node.id))
         }
     });
     let stats = futures::future::join_all(calls).await;
@@ -416,7 +402,6 @@ async fn add_node(
             existing.id
         )));
     }
-    fits_the_ring(&topology, &request.id, |n| n.weight = weight)?;
     let node = NodeInfo {
         id: request.id.clone(),
         url,
@@ -424,6 +409,7 @@ async fn add_node(
         weight,
         next_weight: None,
     };
+    fits_the_ring(&topology, &node)?;
     state
         .upstream()
         .call(&node.id, Method::GET, &node.url, "/healthz", None)
@@ -470,7 +456,7 @@ fn check_weight(weight: u32) -> ProxyResult<u32> {
 /// node that is not a member, and a fence would refuse writes to ranges the node comes to own.
 /// The stats call only reads and never claims the node, so a refused node is left as it was.
 async fn refuse_unclean(state: &ProxyState, node: &NodeInfo) -> ProxyResult<()> {
-    let stats: NodeStats = state
+    let stats: StatsResponse = state
         .upstream()
         .call(&node.id, Method::GET, &node.url, "/v1/stats", None)
         .await?
@@ -620,18 +606,15 @@ async fn patch_node(
         .node(&id)
         .ok_or_else(|| ProxyError::NotFound(format!("no node {id}")))?
         .clone();
-    if let Some(weight) = weight {
-        let (now, next) = weight_change(&node, weight)?;
-        fits_the_ring(&topology, &node.id, |n| {
-            n.weight = now;
-            n.next_weight = next;
-        })?;
+    let changed = weight.map(|w| reweighted(&node, w)).transpose()?;
+    if let Some(changed) = &changed {
+        fits_the_ring(&topology, changed)?;
     }
     if let Some(url) = url {
         set_node_url(&state, &topology, &node, &url, request.force).await?;
     }
-    if let Some(weight) = weight {
-        set_node_weight(&state, &node, weight)?;
+    if let Some(changed) = &changed {
+        set_node_weight(&state, &node, changed)?;
     }
     let node = state
         .cluster()
@@ -642,63 +625,57 @@ async fn patch_node(
     Ok(Json(node).into_response())
 }
 
-/// What setting `weight` on `node` records: `(weight, next_weight)`. A joining node owns
-/// nothing yet, so its weight changes at once; an active node's waits for the next rebalance,
-/// which moves the rows it gains or loses (the same weight again drops a pending change); a
-/// leaving node's no longer matters.
-fn weight_change(node: &NodeInfo, weight: u32) -> ProxyResult<(u32, Option<u32>)> {
-    match node.state {
-        MemberState::Joining => Ok((weight, None)),
-        MemberState::Active => Ok((node.weight, (weight != node.weight).then_some(weight))),
-        MemberState::Leaving => Err(ProxyError::Conflict(format!(
-            "{} is leaving: the next rebalance moves all its rows away, whatever its weight",
-            node.id
-        ))),
-    }
+/// `node` with `weight` set. A joining node owns nothing yet, so its weight changes at once;
+/// an active node's is pending (`next_weight`) until the next rebalance, which moves the rows
+/// it gains or loses (the same weight again drops a pending change); a leaving node's no
+/// longer matters.
+fn reweighted(node: &NodeInfo, weight: u32) -> ProxyResult<NodeInfo> {
+    let (now, next) = match node.state {
+        MemberState::Joining => (weight, None),
+        MemberState::Active => (node.weight, (weight != node.weight).then_some(weight)),
+        MemberState::Leaving => {
+            return Err(ProxyError::Conflict(format!(
+                "{} is leaving: the next rebalance moves all its rows away, whatever its weight",
+                node.id
+            )));
+        }
+    };
+    Ok(NodeInfo {
+        weight: now,
+        next_weight: next,
+        ..node.clone()
+    })
 }
 
-/// Checks that the ring after the next rebalance can be built once `change` is applied to node
-/// `id` (or once it joins, if the topology lacks it): the ring has a most points it holds, and
-/// a typo'd weight must be refused now, not when the rebalance starts.
-fn fits_the_ring(
-    topology: &Topology,
-    id: &str,
-    change: impl FnOnce(&mut NodeInfo),
-) -> ProxyResult<()> {
-    let mut nodes = topology.nodes.clone();
-    match nodes.iter_mut().find(|n| n.id == id) {
-        Some(node) => change(node),
-        None => {
-            let mut node = NodeInfo {
-                id: id.to_owned(),
-                url: String::new(),
-                state: MemberState::Joining,
-                weight: 1,
-                next_weight: None,
-            };
-            change(&mut node);
-            nodes.push(node);
-        }
-    }
+/// Checks that the ring after the next rebalance can be built with `changed` in place of the
+/// node of its id (or added, if the topology lacks it): the ring has a most points it holds,
+/// and a typo'd weight must be refused now, not when the rebalance starts.
+fn fits_the_ring(topology: &Topology, changed: &NodeInfo) -> ProxyResult<()> {
+    let mut nodes: Vec<NodeInfo> = topology
+        .nodes
+        .iter()
+        .filter(|n| n.id != changed.id)
+        .cloned()
+        .collect();
+    nodes.push(changed.clone());
     let after = Topology::new(topology.epoch, topology.vnodes, nodes)?;
     rebalance::next_ring(&after).map(drop)
 }
 
-/// Records a node's new weight (see [`weight_change`]); the plan of the next rebalance
-/// changes, so the epoch moves on.
-fn set_node_weight(state: &ProxyState, node: &NodeInfo, weight: u32) -> ProxyResult<()> {
-    let (now, next) = weight_change(node, weight)?;
-    if (now, next) == (node.weight, node.next_weight) {
+/// Records `changed`'s weights (see [`reweighted`]) over `node`'s; the plan of the next
+/// rebalance changes, so the epoch moves on.
+fn set_node_weight(state: &ProxyState, node: &NodeInfo, changed: &NodeInfo) -> ProxyResult<()> {
+    if (changed.weight, changed.next_weight) == (node.weight, node.next_weight) {
         return Ok(());
     }
     state.cluster().update(|tx| {
         tx.execute(
             "UPDATE nodes SET weight = ?2, next_weight = ?3 WHERE id = ?1",
-            rusqlite::params![node.id, now, next],
+            rusqlite::params![node.id, changed.weight, changed.next_weight],
         )?;
         bump_epoch(tx)
     })?;
-    tracing::info!(node = %node.id, weight = now, next_weight = ?next, "node weight set");
+    tracing::info!(node = %node.id, weight = changed.weight, next_weight = ?changed.next_weight, "node weight set");
     Ok(())
 }
 
@@ -837,20 +814,19 @@ mod tests {
     /// again drops the pending change), a leaving node's is refused.
     #[test]
     fn a_weight_change_waits_for_the_rebalance_only_where_rows_move() {
+        let weights =
+            |node: &NodeInfo, w: u32| reweighted(node, w).map(|n| (n.weight, n.next_weight));
         let joining = NodeInfo::test("j", MemberState::Joining);
-        assert_eq!(weight_change(&joining, 4).unwrap(), (4, None));
+        assert_eq!(weights(&joining, 4).unwrap(), (4, None));
         let active = NodeInfo {
             weight: 2,
             next_weight: Some(5),
             ..NodeInfo::test("a", MemberState::Active)
         };
-        assert_eq!(weight_change(&active, 3).unwrap(), (2, Some(3)));
-        assert_eq!(weight_change(&active, 2).unwrap(), (2, None));
+        assert_eq!(weights(&active, 3).unwrap(), (2, Some(3)));
+        assert_eq!(weights(&active, 2).unwrap(), (2, None));
         let leaving = NodeInfo::test("l", MemberState::Leaving);
-        assert!(matches!(
-            weight_change(&leaving, 3),
-            Err(ProxyError::Conflict(_))
-        ));
+        assert!(matches!(weights(&leaving, 3), Err(ProxyError::Conflict(_))));
         assert!(matches!(check_weight(0), Err(ProxyError::BadRequest(_))));
         assert!(matches!(check_weight(1001), Err(ProxyError::BadRequest(_))));
         assert_eq!(check_weight(1000).unwrap(), 1000);
@@ -860,28 +836,19 @@ mod tests {
     /// the node added), not when the rebalance starts.
     #[test]
     fn a_weight_the_ring_cannot_hold_is_refused_up_front() {
+        let a = NodeInfo::test("a", MemberState::Active);
         let topology = Topology::new(
             1,
             1 << 15,
-            vec![
-                NodeInfo::test("a", MemberState::Active),
-                NodeInfo::test("b", MemberState::Active),
-            ],
+            vec![a.clone(), NodeInfo::test("b", MemberState::Active)],
         )
         .unwrap();
-        let set = |id: &str, weight: u32| {
-            fits_the_ring(&topology, id, |n| {
-                if n.state == MemberState::Active {
-                    n.next_weight = Some(weight);
-                } else {
-                    n.weight = weight;
-                }
-            })
-        };
-        assert!(set("a", 2).is_ok());
-        assert!(matches!(set("a", 1000), Err(ProxyError::BadRequest(_))));
-        assert!(set("c", 3).is_ok(), "a new node of weight 3");
-        assert!(matches!(set("c", 1000), Err(ProxyError::BadRequest(_))));
+        let fits = |node: &NodeInfo, w: u32| fits_the_ring(&topology, &reweighted(node, w)?);
+        assert!(fits(&a, 2).is_ok());
+        assert!(matches!(fits(&a, 1000), Err(ProxyError::BadRequest(_))));
+        let c = NodeInfo::test("c", MemberState::Joining);
+        assert!(fits(&c, 3).is_ok(), "a new node of weight 3");
+        assert!(matches!(fits(&c, 1000), Err(ProxyError::BadRequest(_))));
     }
 
     fn report(misplaced: &[(&str, u64)]) -> VerifyResponse {

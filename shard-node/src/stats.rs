@@ -16,6 +16,7 @@ pub struct StatsResponse {
     /// transient and shrinks back at checkpoints.
     pub bytes: u64,
     /// Rows per sharded table.
+    #[serde(default)]
     pub tables: BTreeMap<String, u64>,
     /// Whether change capture is on (a rebalance is copying from this node).
     #[serde(default)]
