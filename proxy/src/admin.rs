@@ -89,12 +89,7 @@ pub struct StatusResponse {
 
 async fn status(State(state): State<ProxyState>) -> Json<StatusResponse> {
     let topology = state.cluster().topology();
-    let shares: HashMap<String, f64> = topology
-        .ring
-        .shares()
-        .into_iter()
-        .map(|(id, share)| (id.as_str().to_owned(), share))
-        .collect();
+    let shares = cluster::shares_by_id(&topology.ring);
     let calls = topology.nodes.iter().map(|node| {
         let state = &state;
         async move {

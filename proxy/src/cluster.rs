@@ -356,6 +356,15 @@ fn load(conn: &Connection) -> ProxyResult<Topology> {
     Topology::new(epoch, vnodes, nodes)
 }
 
+/// Each member's share of `ring` (a fraction of 1), by id; a node missing from the ring owns
+/// nothing there.
+pub fn shares_by_id(ring: &Ring) -> HashMap<String, f64> {
+    ring.shares()
+        .into_iter()
+        .map(|(id, share)| (id.as_str().to_owned(), share))
+        .collect()
+}
+
 /// A node id: 1–64 characters of `[A-Za-z0-9._-]`, so it is safe in URLs, logs and file names.
 pub fn validate_id(id: &str) -> ProxyResult<()> {
     let ok = !id.is_empty()

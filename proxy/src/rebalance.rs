@@ -29,7 +29,7 @@
 //! fences are lifted and copy and catch-up continue from their saved positions; after it, the
 //! clean-up is finished. Every node call is idempotent, so repeating a step after a crash is safe.
 
-use crate::cluster::{MemberState, NodeInfo, Topology, bump_epoch};
+use crate::cluster::{self, MemberState, NodeInfo, Topology, bump_epoch};
 use crate::error::{ProxyError, ProxyResult};
 use crate::job::JobGuard;
 use crate::server::ProxyState;
@@ -400,19 +400,17 @@ pub async fn dry_run(state: &ProxyState) -> ProxyResult<DryRun> {
     let next = next_ring(&topology)?;
     let sources = sources(&topology, &next);
     let (rows_total, moves) = count(state, &topology, &sources).await?;
-    let share_in = |ring: &Ring, id: &str| {
-        ring.shares()
-            .into_iter()
-            .find(|(member, _)| member.as_str() == id)
-            .map_or(0.0, |(_, share)| share)
-    };
+    let (now, after) = (
+        cluster::shares_by_id(&topology.ring),
+        cluster::shares_by_id(&next),
+    );
     let shares = topology
         .nodes
         .iter()
         .map(|n| {
             let change = ShareChange {
-                now: share_in(&topology.ring, &n.id),
-                after: share_in(&next, &n.id),
+                now: now.get(&n.id).copied().unwrap_or(0.0),
+                after: after.get(&n.id).copied().unwrap_or(0.0),
             };
             (n.id.clone(), change)
         })
