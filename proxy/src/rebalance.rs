@@ -2181,13 +2181,7 @@ mod tests {
             )
             .unwrap();
             let next = next_ring(&topology).unwrap();
-            let share = |ring: &Ring| {
-                ring.shares()
-                    .into_iter()
-                    .find(|(id, _)| id.as_str() == "b")
-                    .map(|(_, s)| s)
-                    .unwrap()
-            };
+            let share = |ring: &Ring| cluster::shares_by_id(ring)["b"];
             assert!(
                 (share(&next) > share(&topology.ring)) == gains,
                 "b's share follows its next weight"
