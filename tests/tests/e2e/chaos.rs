@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use shardlite_tests::history::{self, Rng, Writers};
 use shardlite_tests::{
     Spawned, SpawnedCluster, SpawnedNode, assert_verified, keys_in_file, member_state,
-    sample_migrations, transfer_leftovers, wait_for_rebalance,
+    rebalance_and_wait, sample_migrations, transfer_leftovers, wait_for_rebalance,
 };
 use std::time::Duration;
 
@@ -266,13 +266,7 @@ impl Chaos {
                 .is_some_and(|e| e.contains("cancelled"))
         {
             eprintln!("chaos: the job was cancelled; starting it again");
-            let (status, body) = self
-                .cluster
-                .client
-                .post("/v1/cluster/rebalance", Value::Null)
-                .await;
-            assert_eq!(status, 202, "starting the rebalance again: {body}");
-            job = wait_for_rebalance(&self.cluster.client, Duration::from_secs(120)).await;
+            job = rebalance_and_wait(&self.cluster.client).await;
         }
         assert_eq!(job["state"], "done", "round {round}: {job}");
         self.check_round(round, leaving).await;
