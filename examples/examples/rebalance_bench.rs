@@ -8,8 +8,10 @@
 //! Three nodes and the proxy run in this process (release build) on 127.0.0.1 with a temp
 //! directory. The table is loaded with `--rows` random keys, a fourth node joins, and
 //! `POST /v1/cluster/rebalance` moves its share while `--writers` tasks PUT random keys; the
-//! longest write any of them saw is the write pause a user would notice. The report goes to
-//! stdout and to `--out` (default `docs/rebalance-bench.md`).
+//! longest write any of them saw is the write pause a user would notice. By default this runs
+//! twice, on a fresh cluster each time: with the text-keyed table as a rowid table and as a
+//! `WITHOUT ROWID` one (`--layout`), each against a plain insert into its own definition. The
+//! report goes to stdout and to `--out` (default `docs/rebalance-bench.md`).
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
@@ -30,6 +32,9 @@ struct Args {
     /// Concurrent writers during the move.
     #[arg(long, default_value_t = 4)]
     writers: usize,
+    /// The table definition: with a rowid, `WITHOUT ROWID`, or both (each on a fresh cluster).
+    #[arg(long, value_enum, default_value_t = Layout::Both)]
+    layout: Layout,
     /// Where the Markdown report goes (relative to the workspace root).
     #[arg(long, default_value = "docs/rebalance-bench.md")]
     out: PathBuf,
@@ -89,9 +94,85 @@ impl Api {
     }
 }
 
+/// The table definitions the bench can run on: the same columns, with or without a rowid.
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum Layout {
+    /// `kv (id TEXT PRIMARY KEY, v TEXT)`: rows in a rowid B-tree, the key in an index beside it.
+    Rowid,
+    /// The same declared `WITHOUT ROWID`: rows in one B-tree ordered by the key.
+    WithoutRowid,
+    /// Both, one after the other, each on a fresh cluster.
+    Both,
+}
+
+impl Layout {
+    fn table_sql(self) -> &'static str {
+        match self {
+            Layout::WithoutRowid => "CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT) WITHOUT ROWID",
+            _ => "CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT)",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Layout::WithoutRowid => "`WITHOUT ROWID` table",
+            _ => "rowid table",
+        }
+    }
+}
+
+/// What one run measured.
+struct Run {
+    layout: Layout,
+    to_move: u64,
+    elapsed: Duration,
+    copy_secs: f64,
+    switch: String,
+    cleanup_secs: f64,
+    switched_at: Option<Duration>,
+    baseline_rate: f64,
+    pause: Value,
+    ops: u64,
+    errors: u64,
+    longest: Duration,
+    longest_at: f64,
+    write_rate: f64,
+    mean_write_ms: f64,
+    verify: Value,
+    phase_times: String,
+}
+
+impl Run {
+    fn moved_rate(&self) -> f64 {
+        self.to_move as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let layouts = match args.layout {
+        Layout::Both => vec![Layout::Rowid, Layout::WithoutRowid],
+        one => vec![one],
+    };
+    let mut runs = Vec::new();
+    for layout in layouts {
+        eprintln!("== {} ==", layout.name());
+        runs.push(run(&args, layout).await?);
+    }
+    let report = report(&args, &runs);
+    println!("{report}");
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(&args.out);
+    std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("report written to {}", out.display());
+    Ok(())
+}
+
+/// One rebalance on a fresh cluster whose table has `layout`, then the plain insert of the
+/// same rows into a fresh file with the same table definition.
+async fn run(args: &Args, layout: Layout) -> anyhow::Result<Run> {
     let dir = tempfile::tempdir()?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = || {
@@ -126,12 +207,12 @@ async fn main() -> anyhow::Result<()> {
         }),
         url: format!("http://{}", listener.local_addr()?),
     });
-    tokio::spawn(shardlite::serve(listener, proxy, until_stopped()));
+    let served = tokio::spawn(shardlite::serve(listener, proxy, until_stopped()));
 
     let schema = Migration {
         version: 1,
         name: "0001_kv".into(),
-        sql: "CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT)".into(),
+        sql: layout.table_sql().into(),
     };
     api.call(
         "POST",
@@ -269,9 +350,8 @@ async fn main() -> anyhow::Result<()> {
         verify["misplaced"] == 0 && verify["duplicates"] == 0,
         "verify: {verify}"
     );
-    let moved_rate = to_move as f64 / elapsed.as_secs_f64();
-
-    // Baseline, same run: the moved rows inserted into one fresh file in batches.
+    // Baseline, same run: the moved rows inserted into one fresh file in batches, into the
+    // same table definition, in the order the keys were drawn (random).
     let moved_keys: Vec<&String> = {
         let ring_before = shardlite_ring::Ring::new(
             (1..=3).map(|i| shardlite_ring::Member::new(format!("n{i}"), 1)),
@@ -295,7 +375,7 @@ async fn main() -> anyhow::Result<()> {
                 shardlite_node::Synchronous::Normal => "NORMAL",
             },
         )?;
-        conn.execute_batch("CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT)")?;
+        conn.execute_batch(layout.table_sql())?;
         for (n, chunk) in moved_keys.chunks(5000).enumerate() {
             let tx = conn.transaction()?;
             {
@@ -309,61 +389,163 @@ async fn main() -> anyhow::Result<()> {
     }
     let baseline_rate = moved_keys.len() as f64 / baseline_started.elapsed().as_secs_f64();
     let _ = stop.send(true);
+    served.await??;
 
-    let ratio = moved_rate / baseline_rate;
-    // Up to the switch: the rows are on their new owner and served there; what follows is
-    // deleting the old copies. The poll sees the switch within 20 ms.
-    let switched_at = phases
-        .iter()
-        .find(|(p, _)| p == "committed")
-        .map(|(_, at)| *at);
-    let (switched_rate, switched_ratio) = match switched_at {
-        Some(at) if !at.is_zero() => {
-            let rate = to_move as f64 / at.as_secs_f64();
-            (format!("{rate:.0}"), format!("{:.2}", rate / baseline_rate))
-        }
-        _ => ("not seen by the poll".to_owned(), "–".to_owned()),
+    Ok(Run {
+        layout,
+        to_move,
+        elapsed,
+        copy_secs,
+        switch,
+        cleanup_secs,
+        // Up to the switch: the rows are on their new owner and served there; what follows
+        // is deleting the old copies. The poll sees the switch within 20 ms.
+        switched_at: phases
+            .iter()
+            .find(|(p, _)| p == "committed")
+            .map(|(_, at)| *at)
+            .filter(|at| !at.is_zero()),
+        baseline_rate,
+        pause: status["pause_ms"].clone(),
+        ops,
+        errors,
+        longest,
+        longest_at,
+        write_rate: ops as f64 / writing_secs,
+        mean_write_ms: 1000.0 * spent.as_secs_f64() / ops.max(1) as f64,
+        verify,
+        phase_times: phase_times.join(", "),
+    })
+}
+
+/// The Markdown report: a column per run.
+fn report(args: &Args, runs: &[Run]) -> String {
+    let synchronous = shardlite_node::NodeConfig::new("unused").synchronous;
+    let mark = |ok: bool| if ok { "✓" } else { "✗" };
+    // Every row's cells, one per run.
+    let row = |figure: &str, cell: &dyn Fn(&Run) -> String| -> String {
+        let cells: Vec<String> = runs.iter().map(cell).collect();
+        format!("| {figure} | {} |\n", cells.join(" | "))
     };
-    let report = format!(
-        "# Rebalance benchmark\n\n\
-         Generated by `cargo run --release -p shardlite-examples --example rebalance_bench -- --rows {rows}` \
-         on this 2-core machine; the nodes, the proxy and the writers share the cores.\n\n\
-         | figure | value |\n|---|---|\n\
-         | rows in the cluster before | {rows} |\n\
-         | rows moved to the new node (counted plan) | {to_move} ({pct:.1}%) |\n\
-         | job time (from the request to `done`) | {secs:.2} s |\n\
-         | of which: copy and catch-up incl. the counted plan and the count check / fence, drain and switch / clean-up (as polled every 20 ms) | {copy_secs:.2} s / {switch} / {cleanup_secs:.2} s |\n\
-         | rows moved per second (rows moved / job time) | {moved_rate:.0} |\n\
-         | plain batched SQLite insert of the same rows (one file, WAL, synchronous={sync:?}, 5000 rows per transaction) | {baseline_rate:.0} rows/s |\n\
-         | ratio, whole job (target ≥ 0.75) | {ratio:.2} {mark} |\n\
-         | rows moved per second up to the switch (rows moved / time until the job was first seen committed; the clean-up excluded) | {switched_rate} |\n\
-         | ratio, up to the switch (for comparison only; the target is the whole job's) | {switched_ratio} |\n\
-         | longest fence (write pause for a moving key), from the job | {pause} ms |\n\
-         | writers during the job: ops / errors / longest write seen (started at, in the job's clock) | {ops} / {errors} / {longest_ms} ms ({longest_at:.2} s) |\n\
-         | writers during the job: writes per second (all {writers} together) / mean write | {write_rate:.0} / {mean_write_ms:.1} ms |\n\
-         | verify after | {misplaced} misplaced, {duplicates} duplicates |\n\
-         | phases (as polled) | {phase_times} |\n\n\
-         Where the time goes, and why the clean-up is slow on this disk: `docs/rebalance.md`, \
-         \"What is measured\".\n",
-        rows = args.rows,
-        pct = 100.0 * to_move as f64 / args.rows as f64,
-        secs = elapsed.as_secs_f64(),
-        sync = synchronous,
-        mark = if ratio >= 0.75 { "✓" } else { "✗" },
-        writers = args.writers,
-        write_rate = ops as f64 / writing_secs,
-        mean_write_ms = 1000.0 * spent.as_secs_f64() / ops.max(1) as f64,
-        pause = status["pause_ms"],
-        longest_ms = longest.as_millis(),
-        misplaced = verify["misplaced"],
-        duplicates = verify["duplicates"],
-        phase_times = phase_times.join(", "),
+    let fastest_plain = runs.iter().map(|r| r.baseline_rate).fold(0.0, f64::max);
+    let mut table = format!(
+        "| figure | {} |\n|---|{}\n",
+        runs.iter()
+            .map(|r| r.layout.name())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(runs.len())
     );
-    println!("{report}");
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(&args.out);
-    std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("report written to {}", out.display());
-    Ok(())
+    table += &row("table", &|r| format!("`{}`", r.layout.table_sql()));
+    table += &row("rows in the cluster before", &|_| args.rows.to_string());
+    table += &row("rows moved to the new node (counted plan)", &|r| {
+        format!(
+            "{} ({:.1}%)",
+            r.to_move,
+            100.0 * r.to_move as f64 / args.rows as f64
+        )
+    });
+    table += &row("job time (from the request to `done`)", &|r| {
+        format!("{:.2} s", r.elapsed.as_secs_f64())
+    });
+    table += &row(
+        "of which: copy and catch-up incl. the counted plan and the count check / fence, drain and switch / clean-up (as polled every 20 ms)",
+        &|r| {
+            format!(
+                "{:.2} s / {} / {:.2} s",
+                r.copy_secs, r.switch, r.cleanup_secs
+            )
+        },
+    );
+    table += &row("rows moved per second (rows moved / job time)", &|r| {
+        format!("{:.0}", r.moved_rate())
+    });
+    table += &row(
+        &format!(
+            "plain batched SQLite insert of the same rows into the same table definition (one file, WAL, synchronous={synchronous:?}, 5000 rows per transaction, keys in random order)"
+        ),
+        &|r| format!("{:.0} rows/s", r.baseline_rate),
+    );
+    table += &row("**ratio, whole job** (target ≥ 0.75)", &|r| {
+        let ratio = r.moved_rate() / r.baseline_rate;
+        format!("**{ratio:.2}** {}", mark(ratio >= 0.75))
+    });
+    if runs.len() > 1 {
+        table += &row(
+            "ratio, whole job, against the faster of the plain inserts above",
+            &|r| {
+                let ratio = r.moved_rate() / fastest_plain;
+                format!("{ratio:.2} {}", mark(ratio >= 0.75))
+            },
+        );
+    }
+    table += &row(
+        "rows moved per second up to the switch (rows moved / time until the job was first seen committed; the clean-up excluded)",
+        &|r| {
+            r.switched_at.map_or("not seen by the poll".into(), |at| {
+                format!("{:.0}", r.to_move as f64 / at.as_secs_f64())
+            })
+        },
+    );
+    table += &row(
+        "ratio, up to the switch (for comparison only; the target is the whole job's)",
+        &|r| {
+            r.switched_at.map_or("–".into(), |at| {
+                format!(
+                    "{:.2}",
+                    r.to_move as f64 / at.as_secs_f64() / r.baseline_rate
+                )
+            })
+        },
+    );
+    table += &row(
+        "longest fence (write pause for a moving key), from the job",
+        &|r| format!("{} ms", r.pause),
+    );
+    table += &row(
+        "writers during the job: ops / errors / longest write seen (started at, in the job's clock)",
+        &|r| {
+            format!(
+                "{} / {} / {} ms ({:.2} s)",
+                r.ops,
+                r.errors,
+                r.longest.as_millis(),
+                r.longest_at
+            )
+        },
+    );
+    table += &row(
+        &format!(
+            "writers during the job: writes per second (all {} together) / mean write",
+            args.writers
+        ),
+        &|r| format!("{:.0} / {:.1} ms", r.write_rate, r.mean_write_ms),
+    );
+    table += &row("verify after", &|r| {
+        format!(
+            "{} misplaced, {} duplicates",
+            r.verify["misplaced"], r.verify["duplicates"]
+        )
+    });
+    table += &row("phases (as polled)", &|r| r.phase_times.clone());
+    let layout = match args.layout {
+        Layout::Both => String::new(),
+        Layout::Rowid => " --layout rowid".into(),
+        Layout::WithoutRowid => " --layout without-rowid".into(),
+    };
+    format!(
+        "# Rebalance benchmark\n\n\
+         Generated by `cargo run --release -p shardlite-examples --example rebalance_bench -- --rows {rows}{layout}` \
+         on this 2-core machine; the nodes, the proxy and the writers share the cores. Each table \
+         definition runs on a fresh cluster, one after the other, with the same keys, values and \
+         writers.\n\n\
+         {table}\n\
+         The clean-up deletes the moved rows' old copies on their sources, in short transactions \
+         so that client writes there wait little. A rowid table keeps its text key in an index \
+         apart from the rows, in another order, so the deletes dirty pages of one of the two at \
+         random and each commit writes most of them again; a `WITHOUT ROWID` table is one B-tree \
+         in key order, walked in that order. Where the time goes: `docs/rebalance.md`, \"What is \
+         measured\".\n",
+        rows = args.rows,
+    )
 }
