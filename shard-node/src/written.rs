@@ -17,42 +17,72 @@
 //! - **Deletes.** A delete cannot put a row where its key does not route; it can only remove a
 //!   row that was there (keyed SQL deleting other keys acts on this node's rows alone, as any
 //!   keyed SQL does).
-//! - **`WITHOUT ROWID` tables.** SQLite's update hook does not report their rows, and the hook
-//!   that does (the pre-update hook) needs a build of SQLite that this crate's dependencies
-//!   cannot make without libclang. Keyed SQL writing such a table is not checked.
 //! - **Row `PUT`, `DELETE` and batches.** They write exactly the keys they name; only a user's
 //!   trigger on the table could reach another key, and users' triggers are the user's schema.
 //!
 //! A trigger-based watch that caught all of the above was built first and dropped: any trigger
 //! on a table makes SQLite open a statement journal for every write to it, and batch upserts
 //! through the proxy ran at half their rate.
+//!
+//! **Tables the update hook does not report.** SQLite's update hook is silent for a
+//! `WITHOUT ROWID` table, and a table whose columns shadow every name of its rowid has no way
+//! to read a reported row back. (SQLite's pre-update hook would report both, but it needs a
+//! build of SQLite that this crate's dependencies cannot make without libclang.) For those
+//! tables only, and only while keyed SQL runs, [`within`] puts TEMP triggers on them that hand
+//! each inserted or updated row's key to a function of ours, and drops them afterwards: the
+//! statement-journal cost falls on that keyed SQL alone, not on row `PUT`s or batches, and
+//! a schema with no such table pays nothing. TEMP triggers live on the writer's connection
+//! only, go with the request's savepoint if it rolls back, and client SQL may neither create
+//! nor drop any (the authorizer refuses TEMP schema changes).
 
 use std::cell::RefCell;
 use std::sync::Arc;
 
 use rusqlite::Connection;
+use rusqlite::functions::FunctionFlags;
 use rusqlite::hooks::Action;
+use rusqlite::types::{Value, ValueRef};
 
 use crate::error::NodeError;
 use crate::key::routing_text_of;
-use crate::schema::{Schema, quote};
+use crate::schema::{Schema, TableSchema, quote};
 
 /// Rows of sharded tables that the write in scope inserted or updated: (table, rowid).
 type Touched = Vec<(String, i64)>;
 
-/// What the hook fills while a write is in scope: the sharded tables, and the rows.
+/// Rows of the tables the hook does not report (see the module notes), as their TEMP triggers
+/// saw them: (table, key).
+type Keyed = Vec<(String, Value)>;
+
+/// What the hook and the triggers fill while a write is in scope: the sharded tables, and the
+/// rows.
 struct Watch {
     schema: Arc<Schema>,
     touched: Touched,
+    keyed: Keyed,
 }
+
+/// The function the TEMP triggers of [`within`] call with each row's table and key.
+const WATCH_FUNCTION: &str = "_shardlite_written";
 
 thread_local! {
     /// Set only inside [`within`], on the thread that runs the write.
     static WATCH: RefCell<Option<Watch>> = const { RefCell::new(None) };
 }
 
-/// Installs the update hook on `conn`. Outside [`within`] it returns at once.
+/// Installs the update hook on `conn`, and the function the TEMP triggers of [`within`] call.
+/// Outside [`within`] both return at once.
 pub(crate) fn install(conn: &Connection) -> rusqlite::Result<()> {
+    conn.create_scalar_function(WATCH_FUNCTION, 2, FunctionFlags::SQLITE_UTF8, |ctx| {
+        let table = ctx.get::<String>(0)?;
+        let key = ctx.get::<Value>(1)?;
+        WATCH.with(|watch| {
+            if let Some(watch) = watch.borrow_mut().as_mut() {
+                watch.keyed.push((table, key));
+            }
+        });
+        Ok(Value::Null)
+    })?;
     conn.update_hook(Some(|action: Action, db: &str, table: &str, rowid: i64| {
         if db != "main" || action == Action::SQLITE_DELETE {
             return;
@@ -82,14 +112,95 @@ pub(crate) fn within<T>(
     if keys.is_empty() {
         return work();
     }
-    let (out, touched) = {
+    let hookless: Vec<&TableSchema> = schema
+        .tables()
+        .filter(|t| schema.rowid_alias(&t.name).is_none())
+        .collect();
+    if !hookless.is_empty() {
+        conn.execute_batch(&watch_triggers(&hookless))?;
+    }
+    let (out, watch) = {
         let _scope = Scope::enter(Arc::clone(schema));
-        let out = work()?;
-        let watch = WATCH.with(|w| w.borrow_mut().take());
-        (out, watch.map(|w| w.touched).unwrap_or_default())
+        let out = work();
+        (out, WATCH.with(|w| w.borrow_mut().take()))
     };
+    if !hookless.is_empty() {
+        // `IF EXISTS`: SQL that rolled the whole transaction back took the triggers with it.
+        let dropped = conn.execute_batch(&unwatch_triggers(&hookless));
+        if out.is_ok() {
+            dropped?;
+        }
+    }
+    let out = out?;
+    let (touched, keyed) = watch.map_or_else(Default::default, |w| (w.touched, w.keyed));
     check(conn, schema, keys, touched)?;
+    check_keyed(conn, schema, keys, keyed)?;
     Ok(out)
+}
+
+/// The TEMP triggers that report each row inserted into or updated in `tables` (with their
+/// key) to [`WATCH_FUNCTION`].
+fn watch_triggers(tables: &[&TableSchema]) -> String {
+    let mut sql = String::new();
+    for (i, table) in tables.iter().enumerate() {
+        let (name, key) = (quote(&table.name), quote(&table.key));
+        let literal = format!("'{}'", table.name.replace('\'', "''"));
+        for (event, suffix) in [("INSERT", "i"), ("UPDATE", "u")] {
+            sql += &format!(
+                "CREATE TEMP TRIGGER {trigger} AFTER {event} ON main.{name} BEGIN \
+                 SELECT {WATCH_FUNCTION}({literal}, NEW.{key}); END;\n",
+                trigger = quote(&format!("_shardlite_watch_{i}{suffix}")),
+            );
+        }
+    }
+    sql
+}
+
+/// Drops what [`watch_triggers`] created.
+fn unwatch_triggers(tables: &[&TableSchema]) -> String {
+    let mut sql = String::new();
+    for i in 0..tables.len() {
+        for suffix in ["i", "u"] {
+            sql += &format!(
+                "DROP TRIGGER IF EXISTS temp.{};\n",
+                quote(&format!("_shardlite_watch_{i}{suffix}"))
+            );
+        }
+    }
+    sql
+}
+
+/// Refuses the first row in `keyed` that is still there under a key not in `keys`.
+fn check_keyed(
+    conn: &Connection,
+    schema: &Schema,
+    keys: &[String],
+    keyed: Keyed,
+) -> Result<(), NodeError> {
+    // Rows under the request's keys need no look-up; the first other one still there fails it.
+    for (table, key) in &keyed {
+        let routes = routing_text_of(ValueRef::from(key));
+        if routes.as_ref().is_some_and(|k| keys.contains(k)) {
+            continue;
+        }
+        let Some(t) = schema.table(table) else {
+            continue;
+        };
+        // A row gone by the end of the request (deleted, or its key changed again) is nowhere.
+        let sql = format!(
+            "SELECT 1 FROM main.{} WHERE {} IS ?1",
+            quote(&t.name),
+            quote(&t.key)
+        );
+        if conn.prepare_cached(&sql)?.exists([key])? {
+            return Err(NodeError::StrayWrite {
+                table: table.clone(),
+                key: routes,
+                keys: keys.to_vec(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reads the key of every row in `touched` and refuses the first that is not in `keys`.
@@ -146,6 +257,7 @@ impl Scope {
             *w.borrow_mut() = Some(Watch {
                 schema,
                 touched: Vec::new(),
+                keyed: Vec::new(),
             });
         });
         Scope
@@ -278,6 +390,101 @@ mod tests {
             ),
             stray("orders", Some("1"))
         );
+    }
+
+    /// TEMP triggers on the writer's connection now.
+    fn temp_triggers(conn: &Connection) -> i64 {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_temp_master WHERE type = 'trigger'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tables_the_hook_cannot_report_are_watched_by_temp_triggers_during_keyed_sql_only() {
+        let (conn, _) = setup();
+        conn.execute_batch(
+            "CREATE TABLE tags (name TEXT PRIMARY KEY, n INTEGER) WITHOUT ROWID;
+             CREATE TABLE shadow (oid TEXT PRIMARY KEY, rowid TEXT, _rowid_ TEXT);
+             INSERT INTO tags VALUES ('alice', 1), ('bob', 2);",
+        )
+        .unwrap();
+        let schema = Arc::new(Schema::load(&conn).unwrap());
+        assert_eq!(schema.rowid_alias("tags"), None);
+        assert_eq!(schema.rowid_alias("shadow"), None);
+        for (sql, want) in [
+            (
+                "INSERT INTO tags VALUES ('other', 1)",
+                stray("tags", Some("other")),
+            ),
+            (
+                "UPDATE tags SET name = 'zed' WHERE name = 'alice'",
+                stray("tags", Some("zed")),
+            ),
+            (
+                "UPDATE tags SET n = 9 WHERE name = 'bob'",
+                stray("tags", Some("bob")),
+            ),
+            ("UPDATE tags SET n = n + 1", stray("tags", Some("bob"))),
+            (
+                "INSERT INTO shadow (oid) VALUES ('other')",
+                stray("shadow", Some("other")),
+            ),
+            ("INSERT INTO tags VALUES (x'00', 1)", stray("tags", None)),
+            ("INSERT OR REPLACE INTO tags VALUES ('alice', 5)", None),
+            (
+                "INSERT INTO tags VALUES ('alice', 1) ON CONFLICT (name) DO UPDATE SET n = 7",
+                None,
+            ),
+            (
+                "INSERT INTO shadow (oid, rowid) VALUES ('alice', 'x')",
+                None,
+            ),
+            ("DELETE FROM tags WHERE name = 'bob'", None),
+            // Written, then gone or moved back before the request ends.
+            (
+                "INSERT INTO tags VALUES ('tmp', 1); DELETE FROM tags WHERE name = 'tmp';",
+                None,
+            ),
+            (
+                "UPDATE tags SET name = 'zed' WHERE name = 'alice'; \
+                 UPDATE tags SET name = 'alice' WHERE name = 'zed';",
+                None,
+            ),
+        ] {
+            assert_eq!(run(&conn, &schema, &["alice"], sql), want, "{sql}");
+            assert_eq!(temp_triggers(&conn), 0, "dropped after {sql}");
+        }
+        // Two triggers per such table while keyed SQL runs, none around it, none for a
+        // keyless write, and none when the work fails.
+        let during = within(&conn, &schema, &["alice".to_owned()], || {
+            Ok(temp_triggers(&conn))
+        });
+        assert_eq!(during.unwrap(), 4);
+        assert_eq!(
+            within(&conn, &schema, &[], || Ok(temp_triggers(&conn))).unwrap(),
+            0
+        );
+        let failed = within(&conn, &schema, &["alice".to_owned()], || {
+            conn.execute_batch("INSERT INTO tags VALUES ('other', 3)")?;
+            Err::<(), _>(NodeError::InvalidRequest("no".into()))
+        });
+        assert!(matches!(failed, Err(NodeError::InvalidRequest(_))));
+        assert_eq!(temp_triggers(&conn), 0);
+        conn.execute_batch("DELETE FROM tags WHERE name = 'other'")
+            .unwrap();
+        // Outside keyed SQL nothing is watched, and nothing is refused.
+        conn.execute_batch("INSERT INTO tags VALUES ('other', 4)")
+            .unwrap();
+        assert!(WATCH.with(|t| t.borrow().is_none()));
+        // A schema with no such table puts no trigger up.
+        let (plain, plain_schema) = setup();
+        let during = within(&plain, &plain_schema, &["alice".to_owned()], || {
+            Ok(temp_triggers(&plain))
+        });
+        assert_eq!(during.unwrap(), 0);
     }
 
     #[test]
