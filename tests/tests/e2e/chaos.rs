@@ -294,14 +294,20 @@ impl Chaos {
     }
 
     /// A migration that makes a table, sometimes with the proxy killed while it applies it
-    /// (asked again, every node gets it); then rows in it, which later jobs move too.
+    /// (asked again, every node gets it); then rows in it, which later jobs move too. Every
+    /// other table is `WITHOUT ROWID`, which the nodes purge by key rather than by rowid.
     async fn migrate(&mut self) {
         let version = self.migrations.len() + 1;
         let table = format!("chaos_{version}");
+        let layout = if version % 2 == 1 {
+            " WITHOUT ROWID"
+        } else {
+            ""
+        };
         self.migrations.push(json!({
             "version": version,
             "name": table,
-            "sql": format!("CREATE TABLE {table} (id TEXT PRIMARY KEY, v INTEGER);"),
+            "sql": format!("CREATE TABLE {table} (id TEXT PRIMARY KEY, v INTEGER){layout};"),
         }));
         let ask = json!({ "migrations": self.migrations });
         eprintln!("chaos: migration {version} makes {table}");
