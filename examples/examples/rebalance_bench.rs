@@ -9,8 +9,9 @@
 //! directory. The table is loaded with `--rows` random keys, a fourth node joins, and
 //! `POST /v1/cluster/rebalance` moves its share while `--writers` tasks PUT random keys; the
 //! longest write any of them saw is the write pause a user would notice. By default this runs
-//! twice, on a fresh cluster each time: with the text-keyed table as a rowid table and as a
-//! `WITHOUT ROWID` one (`--layout`), each against a plain insert into its own definition. The
+//! three times, on a fresh cluster each time: a text-keyed rowid table, the same `WITHOUT
+//! ROWID`, and an `INTEGER PRIMARY KEY` table (`--layout`), each against a plain insert into its
+//! own definition. The
 //! report goes to stdout and to `--out` (default `docs/rebalance-bench.md`).
 
 use anyhow::{Context, bail, ensure};
@@ -32,8 +33,8 @@ struct Args {
     /// Concurrent writers during the move.
     #[arg(long, default_value_t = 4)]
     writers: usize,
-    /// The table definition: with a rowid, `WITHOUT ROWID`, or both (each on a fresh cluster).
-    #[arg(long, value_enum, default_value_t = Layout::Both)]
+    /// The table definition (each runs on a fresh cluster).
+    #[arg(long, value_enum, default_value_t = Layout::All)]
     layout: Layout,
     /// Where the Markdown report goes (relative to the workspace root).
     #[arg(long, default_value = "docs/rebalance-bench.md")]
@@ -52,10 +53,6 @@ impl Rng {
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
-}
-
-fn key(rng: &mut Rng) -> String {
-    format!("{:016x}", rng.next_u64())
 }
 
 fn value(i: usize) -> String {
@@ -101,22 +98,45 @@ enum Layout {
     Rowid,
     /// The same declared `WITHOUT ROWID`: rows in one B-tree ordered by the key.
     WithoutRowid,
-    /// Both, one after the other, each on a fresh cluster.
-    Both,
+    /// `kv (id INTEGER PRIMARY KEY, v TEXT)` with random 63-bit keys: the key is the rowid.
+    Integer,
+    /// All three, one after the other, each on a fresh cluster.
+    All,
 }
 
 impl Layout {
     fn table_sql(self) -> &'static str {
         match self {
             Layout::WithoutRowid => "CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT) WITHOUT ROWID",
-            _ => "CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT)",
+            Layout::Integer => "CREATE TABLE kv (id INTEGER PRIMARY KEY, v TEXT)",
+            Layout::Rowid | Layout::All => "CREATE TABLE kv (id TEXT PRIMARY KEY, v TEXT)",
         }
     }
 
     fn name(self) -> &'static str {
         match self {
-            Layout::WithoutRowid => "`WITHOUT ROWID` table",
-            _ => "rowid table",
+            Layout::WithoutRowid => "text key, `WITHOUT ROWID`",
+            Layout::Integer => "`INTEGER PRIMARY KEY`",
+            Layout::Rowid | Layout::All => "text key, rowid table",
+        }
+    }
+
+    /// A random key as its routing text: hex digits, or the decimal digits of an integer key.
+    fn key(self, rng: &mut Rng) -> String {
+        match self {
+            Layout::Integer => (rng.next_u64() >> 1).to_string(),
+            _ => format!("{:016x}", rng.next_u64()),
+        }
+    }
+
+    /// The key as a row's JSON value and as an SQL value.
+    fn key_value(self, key: &str) -> (Value, rusqlite::types::Value) {
+        match (self, key.parse::<i64>()) {
+            (Layout::Integer, Ok(n)) => (Value::from(n), rusqlite::types::Value::Integer(n)),
+            _ => (
+                Value::from(key),
+                rusqlite::types::Value::Text(key.to_owned()),
+            ),
         }
     }
 }
@@ -152,7 +172,7 @@ impl Run {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let layouts = match args.layout {
-        Layout::Both => vec![Layout::Rowid, Layout::WithoutRowid],
+        Layout::All => vec![Layout::Rowid, Layout::WithoutRowid, Layout::Integer],
         one => vec![one],
     };
     let mut runs = Vec::new();
@@ -224,12 +244,12 @@ async fn run(args: &Args, layout: Layout) -> anyhow::Result<Run> {
     eprintln!("loading {} rows...", args.rows);
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let loaded = Instant::now();
-    let keys: Vec<String> = (0..args.rows).map(|_| key(&mut rng)).collect();
+    let keys: Vec<String> = (0..args.rows).map(|_| layout.key(&mut rng)).collect();
     for (n, chunk) in keys.chunks(5000).enumerate() {
         let rows: Vec<Value> = chunk
             .iter()
             .enumerate()
-            .map(|(i, k)| json!({ "id": k, "v": value(n * 5000 + i) }))
+            .map(|(i, k)| json!({ "id": layout.key_value(k).0, "v": value(n * 5000 + i) }))
             .collect();
         api.call("POST", "/v1/tables/kv/rows", Some(json!({ "rows": rows })))
             .await?;
@@ -381,7 +401,7 @@ async fn run(args: &Args, layout: Layout) -> anyhow::Result<Run> {
             {
                 let mut stmt = tx.prepare_cached("INSERT INTO kv (id, v) VALUES (?1, ?2)")?;
                 for (i, k) in chunk.iter().enumerate() {
-                    stmt.execute((k, value(n * 5000 + i)))?;
+                    stmt.execute((layout.key_value(k).1, value(n * 5000 + i)))?;
                 }
             }
             tx.commit()?;
@@ -529,22 +549,23 @@ fn report(args: &Args, runs: &[Run]) -> String {
     });
     table += &row("phases (as polled)", &|r| r.phase_times.clone());
     let layout = match args.layout {
-        Layout::Both => String::new(),
+        Layout::All => String::new(),
         Layout::Rowid => " --layout rowid".into(),
         Layout::WithoutRowid => " --layout without-rowid".into(),
+        Layout::Integer => " --layout integer".into(),
     };
     format!(
         "# Rebalance benchmark\n\n\
          Generated by `cargo run --release -p shardlite-examples --example rebalance_bench -- --rows {rows}{layout}` \
          on this 2-core machine; the nodes, the proxy and the writers share the cores. Each table \
-         definition runs on a fresh cluster, one after the other, with the same keys, values and \
-         writers.\n\n\
+         definition runs on a fresh cluster, one after the other, with keys from the same seed (hex \
+         text, or integers for `INTEGER PRIMARY KEY`), the same values and the same writers.\n\n\
          {table}\n\
          The clean-up deletes the moved rows' old copies on their sources, in short transactions \
          so that client writes there wait little. A rowid table keeps its text key in an index \
          apart from the rows, in another order, so the deletes dirty pages of one of the two at \
          random and each commit writes most of them again; a `WITHOUT ROWID` table is one B-tree \
-         in key order, walked in that order. Where the time goes: `docs/rebalance.md`, \"What is \
+         in key order, walked in that order, and an `INTEGER PRIMARY KEY` is the rowid itself. Where the time goes: `docs/rebalance.md`, \"What is \
          measured\".\n",
         rows = args.rows,
     )
