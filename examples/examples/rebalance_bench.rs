@@ -492,7 +492,7 @@ fn report(args: &Args, runs: &[Run]) -> String {
     });
     if runs.len() > 1 {
         table += &row(
-            "ratio, whole job, against the faster of the plain inserts above",
+            "ratio, whole job, against the fastest of the plain inserts above",
             &|r| {
                 let ratio = r.moved_rate() / fastest_plain;
                 format!("{ratio:.2} {}", mark(ratio >= 0.75))

@@ -294,20 +294,22 @@ impl Chaos {
     }
 
     /// A migration that makes a table, sometimes with the proxy killed while it applies it
-    /// (asked again, every node gets it); then rows in it, which later jobs move too. Every
-    /// other table is `WITHOUT ROWID`, which the nodes purge by key rather than by rowid.
+    /// (asked again, every node gets it); then rows in it, which later jobs move too. The
+    /// tables take turns at the three layouts the nodes purge differently: an `INTEGER PRIMARY
+    /// KEY` (the key is the rowid), a text key `WITHOUT ROWID` (walked by key), a text key in a
+    /// rowid table (walked by rowid, the key in an index apart).
     async fn migrate(&mut self) {
         let version = self.migrations.len() + 1;
         let table = format!("chaos_{version}");
-        let layout = if version % 2 == 1 {
-            " WITHOUT ROWID"
-        } else {
-            ""
+        let (key_type, layout) = match version % 3 {
+            0 => ("INTEGER", ""),
+            1 => ("TEXT", " WITHOUT ROWID"),
+            _ => ("TEXT", ""),
         };
         self.migrations.push(json!({
             "version": version,
             "name": table,
-            "sql": format!("CREATE TABLE {table} (id TEXT PRIMARY KEY, v INTEGER){layout};"),
+            "sql": format!("CREATE TABLE {table} (id {key_type} PRIMARY KEY, v INTEGER){layout};"),
         }));
         let ask = json!({ "migrations": self.migrations });
         eprintln!("chaos: migration {version} makes {table}");
@@ -327,7 +329,13 @@ impl Chaos {
             "every node has migration {version}: {ledgers}"
         );
         let rows: Vec<Value> = (0..300)
-            .map(|i| json!({ "id": format!("{table}-{i}"), "v": i }))
+            .map(|i| {
+                let id = match key_type {
+                    "INTEGER" => json!(version * 1000 + i),
+                    _ => json!(format!("{table}-{i}")),
+                };
+                json!({ "id": id, "v": i })
+            })
             .collect();
         let (status, body) = self
             .cluster
