@@ -44,6 +44,7 @@ use rusqlite::hooks::Action;
 use rusqlite::types::{Value, ValueRef};
 
 use crate::error::NodeError;
+use crate::guard::{self, Mode};
 use crate::key::routing_text_of;
 use crate::schema::{Schema, TableSchema, quote};
 
@@ -117,6 +118,8 @@ pub(crate) fn within<T>(
         .filter(|t| schema.rowid_alias(&t.name).is_none())
         .collect();
     if !hookless.is_empty() {
+        // Our own DDL, whatever mode the caller runs in (client SQL may create no TEMP object).
+        let _internal = guard::Scope::enter(Mode::Internal, None);
         conn.execute_batch(&watch_triggers(&hookless))?;
     }
     let (out, watch) = {
@@ -126,6 +129,7 @@ pub(crate) fn within<T>(
     };
     if !hookless.is_empty() {
         // `IF EXISTS`: SQL that rolled the whole transaction back took the triggers with it.
+        let _internal = guard::Scope::enter(Mode::Internal, None);
         let dropped = conn.execute_batch(&unwatch_triggers(&hookless));
         if out.is_ok() {
             dropped?;
