@@ -420,7 +420,8 @@ async fn run_sql(
         let schema = state.schema_cell();
         state
             .client_write(keys, statements.len(), move |conn| {
-                written::within(conn, &schema.get(), &watched, || {
+                let texts: Vec<&str> = statements.iter().map(|s| s.sql.as_str()).collect();
+                written::within(conn, &schema.get(), &watched, &texts, || {
                     sql::write(conn, &statements, limits)
                 })
             })

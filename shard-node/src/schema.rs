@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::guard::INTERNAL_PREFIX;
 use crate::key::{Affinity, affinity_of};
+use crate::transfer::CAPTURE_TRIGGER_PREFIX;
 
 /// A sharded table as the proxy sees it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -32,6 +33,8 @@ pub(crate) struct Schema {
     tables: BTreeMap<String, TableSchema>,
     /// Per sharded table, the name that reaches its rowid (see [`Schema::rowid_alias`]).
     rowids: BTreeMap<String, Option<&'static str>>,
+    /// Whether SQL can write a table without naming it (see [`Schema::writes_unnamed`]).
+    writes_unnamed: bool,
 }
 
 impl Schema {
@@ -81,7 +84,20 @@ impl Schema {
             rowids.insert(name.clone(), rowid);
             tables.insert(name, table);
         }
-        Ok(Schema { tables, rowids })
+        let writes_unnamed = unnamed_writers(conn)?;
+        Ok(Schema {
+            tables,
+            rowids,
+            writes_unnamed,
+        })
+    }
+
+    /// Whether a statement can write a table it does not name: the schema holds a trigger of
+    /// the user's (ours only log changes), or a foreign key whose `ON UPDATE`/`ON DELETE`
+    /// action changes the rows that refer to a parent. Without either, the only tables a write
+    /// changes are those its text names (`written` relies on this).
+    pub(crate) fn writes_unnamed(&self) -> bool {
+        self.writes_unnamed
     }
 
     /// The name that reaches the sharded table `name`'s rowid: none for a `WITHOUT ROWID`
@@ -101,6 +117,27 @@ impl Schema {
     }
 }
 
+/// See [`Schema::writes_unnamed`]. Capture triggers write only the change log.
+fn unnamed_writers(conn: &Connection) -> rusqlite::Result<bool> {
+    let triggers: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND substr(name, 1, ?1) <> ?2",
+        )?
+        .query_row(
+            rusqlite::params![CAPTURE_TRIGGER_PREFIX.len() as i64, CAPTURE_TRIGGER_PREFIX],
+            |row| row.get(0),
+        )?;
+    let acting_keys: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM pragma_table_list AS t, pragma_foreign_key_list(t.name, 'main') AS f \
+             WHERE t.schema = 'main' AND t.type = 'table' \
+             AND (f.on_update NOT IN ('NO ACTION', 'RESTRICT') \
+                  OR f.on_delete NOT IN ('NO ACTION', 'RESTRICT'))",
+        )?
+        .query_row([], |row| row.get(0))?;
+    Ok(triggers > 0 || acting_keys > 0)
+}
+
 /// Names no client can reach as a sharded table.
 fn is_reserved(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
@@ -115,6 +152,35 @@ pub(crate) fn quote(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_reach_unnamed_tables_only_through_users_triggers_and_acting_foreign_keys() {
+        let conn = Connection::open_in_memory().unwrap();
+        let unnamed = |sql: &str| {
+            conn.execute_batch(sql).unwrap();
+            Schema::load(&conn).unwrap().writes_unnamed()
+        };
+        assert!(!unnamed(
+            "CREATE TABLE users (id TEXT PRIMARY KEY);
+             CREATE TABLE _shardlite_changes (k);
+             CREATE TABLE orders (id INTEGER PRIMARY KEY, user_id TEXT REFERENCES users (id));"
+        ));
+        // A capture trigger only logs.
+        assert!(!unnamed(&format!(
+            "CREATE TRIGGER {CAPTURE_TRIGGER_PREFIX}users AFTER INSERT ON users BEGIN
+               INSERT INTO _shardlite_changes VALUES (NEW.id);
+             END;"
+        )));
+        assert!(unnamed(
+            "CREATE TABLE notes (id TEXT PRIMARY KEY, user_id TEXT
+                 REFERENCES users (id) ON UPDATE CASCADE);"
+        ));
+        conn.execute_batch("DROP TABLE notes").unwrap();
+        assert!(!unnamed("SELECT 1"));
+        assert!(unnamed(
+            "CREATE TRIGGER audit AFTER UPDATE ON users BEGIN SELECT 1; END;"
+        ));
+    }
 
     #[test]
     fn the_rowid_alias_is_the_first_name_no_column_shadows() {
