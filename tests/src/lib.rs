@@ -262,6 +262,35 @@ pub fn keys_in_file(db: &Path, table: &str) -> Vec<String> {
         .unwrap()
 }
 
+/// The `CREATE TABLE` text of `table` in a node's SQLite file, read directly from the file (to
+/// see, say, that it is `WITHOUT ROWID`).
+pub fn table_sql_in_file(db: &Path, table: &str) -> String {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.query_row(
+        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+        [table],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// Keyed SQL `sql` under `key` through `client`, which must be refused (400) for writing a row
+/// under another key.
+pub async fn assert_refused_as_stray(client: &Client, key: &str, sql: &str) {
+    let (status, body) = client
+        .post("/v1/sql", json!({ "key": key, "sql": sql }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{sql}: {body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("may insert or update rows under its own key")),
+        "{body}"
+    );
+}
+
 /// What a rebalance may leave on a node and must not: (capture triggers and change log, fences),
 /// read directly from the node's file. Both are 0 once a job is done or stopped.
 pub fn transfer_leftovers(db: &Path) -> (i64, i64) {

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use shardlite_tests::history::{self, Writers};
 use shardlite_tests::{
     Client, TestCluster, assert_verified, keys_in_file, preload_users, rebalance_and_wait, ring_of,
-    transfer_leftovers,
+    table_sql_in_file, transfer_leftovers,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -123,19 +123,7 @@ async fn adding_a_node_to_a_without_rowid_table_while_writing_loses_nothing() {
         .await;
     assert_eq!(status, 200, "{body}");
     // Read from a node's file, so the test cannot quietly fall back to the rowid path.
-    let conn = rusqlite::Connection::open_with_flags(
-        &cluster.nodes[0].db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let sql: String = conn
-        .query_row(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'users'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    drop(conn);
+    let sql = table_sql_in_file(&cluster.nodes[0].db, "users");
     assert!(sql.contains("WITHOUT ROWID"), "{sql}");
     join_while_writing(cluster).await;
 }

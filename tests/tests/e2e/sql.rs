@@ -1,5 +1,5 @@
 use serde_json::json;
-use shardlite_tests::{Client, TestCluster, assert_verified};
+use shardlite_tests::{Client, TestCluster, assert_refused_as_stray, assert_verified};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_statement_list_is_one_transaction_on_the_keys_shard() {
@@ -41,21 +41,6 @@ async fn a_keyed_statement_list_is_one_transaction_on_the_keys_shard() {
     cluster.stop().await;
 }
 
-/// Sends `sql` as keyed SQL under the key "alice" and asserts the node refused it for writing
-/// a row under another key.
-async fn assert_refused_as_stray(c: &Client, sql: &str) {
-    let (status, body) = c
-        .post("/v1/sql", json!({ "key": "alice", "sql": sql }))
-        .await;
-    assert_eq!(status, 400, "{sql}: {body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("may insert or update rows under its own key")),
-        "{body}"
-    );
-}
-
 /// Keyed SQL runs on its key's shard, so a statement that would write a row under another key
 /// (which belongs where that key routes) is refused, and nothing ends up misplaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +60,7 @@ async fn keyed_sql_that_writes_another_key_is_refused_and_nothing_is_misplaced()
         "UPDATE users SET id = 'zed' WHERE id = 'alice'",
         "INSERT INTO users (id, name) VALUES ('other', 'x')",
     ] {
-        assert_refused_as_stray(c, sql).await;
+        assert_refused_as_stray(c, "alice", sql).await;
     }
     // An order id SQLite would pick itself is not the routing key either.
     let (status, body) = c
@@ -128,7 +113,7 @@ async fn keyed_sql_that_writes_another_key_of_a_without_rowid_table_is_refused()
                 .await;
             assert_eq!(status, 200, "{sql}: {body}");
         } else {
-            assert_refused_as_stray(c, sql).await;
+            assert_refused_as_stray(c, "alice", sql).await;
         }
     }
     let (status, row) = c.get(&Client::row_path("tags", "alice")).await;
