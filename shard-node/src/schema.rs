@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::guard::INTERNAL_PREFIX;
 use crate::key::{Affinity, affinity_of};
-use crate::transfer::CAPTURE_TRIGGER_PREFIX;
+use crate::transfer;
 
 /// A sharded table as the proxy sees it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -117,16 +117,13 @@ impl Schema {
     }
 }
 
-/// See [`Schema::writes_unnamed`]. Capture triggers write only the change log.
+/// See [`Schema::writes_unnamed`]. Capture triggers (as `transfer` tells them) write only
+/// the change log.
 fn unnamed_writers(conn: &Connection) -> rusqlite::Result<bool> {
     let triggers: i64 = conn
-        .prepare_cached(
-            "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND substr(name, 1, ?1) <> ?2",
-        )?
-        .query_row(
-            rusqlite::params![CAPTURE_TRIGGER_PREFIX.len() as i64, CAPTURE_TRIGGER_PREFIX],
-            |row| row.get(0),
-        )?;
+        .prepare_cached("SELECT count(*) FROM sqlite_schema WHERE type = 'trigger'")?
+        .query_row([], |row| row.get(0))?;
+    let users_triggers = triggers as usize > transfer::capture_trigger_names(conn)?.len();
     let acting_keys: i64 = conn
         .prepare_cached(
             "SELECT count(*) FROM pragma_table_list AS t, pragma_foreign_key_list(t.name, 'main') AS f \
@@ -135,7 +132,7 @@ fn unnamed_writers(conn: &Connection) -> rusqlite::Result<bool> {
                   OR f.on_delete NOT IN ('NO ACTION', 'RESTRICT'))",
         )?
         .query_row([], |row| row.get(0))?;
-    Ok(triggers > 0 || acting_keys > 0)
+    Ok(users_triggers || acting_keys > 0)
 }
 
 /// Names no client can reach as a sharded table.
@@ -167,9 +164,10 @@ mod tests {
         ));
         // A capture trigger only logs.
         assert!(!unnamed(&format!(
-            "CREATE TRIGGER {CAPTURE_TRIGGER_PREFIX}users AFTER INSERT ON users BEGIN
+            "CREATE TRIGGER {}users AFTER INSERT ON users BEGIN
                INSERT INTO _shardlite_changes VALUES (NEW.id);
-             END;"
+             END;",
+            transfer::CAPTURE_TRIGGER_PREFIX
         )));
         assert!(unnamed(
             "CREATE TABLE notes (id TEXT PRIMARY KEY, user_id TEXT

@@ -363,7 +363,7 @@ fn capture_triggers(table: &TableSchema) -> [(String, String); 3] {
 }
 
 /// The names of every capture trigger in the schema.
-fn capture_trigger_names(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+pub(crate) fn capture_trigger_names(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     conn.prepare_cached(
         "SELECT name FROM sqlite_schema WHERE type = 'trigger' \
          AND lower(substr(name, 1, ?1)) = ?2",
