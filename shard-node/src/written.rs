@@ -130,7 +130,7 @@ pub(crate) fn within<T>(
         conn.execute_batch(&watch_triggers(&hookless))?;
     }
     let (out, watch) = {
-        let _scope = Scope::enter(Arc::clone(schema));
+        let _watching = Watching::start(Arc::clone(schema));
         let out = work();
         (out, WATCH.with(|w| w.borrow_mut().take()))
     };
@@ -161,6 +161,14 @@ fn may_name(text: &str, name: &str) -> bool {
         .any(|window| window.eq_ignore_ascii_case(name))
 }
 
+/// The events a watch trigger fires on: the ones that leave a row under a key.
+const WATCHED_EVENTS: [&str; 2] = ["INSERT", "UPDATE"];
+
+/// The quoted name of the watch trigger for the `i`th watched table and `event`.
+fn watch_trigger(i: usize, event: &str) -> String {
+    quote(&format!("_shardlite_watch_{i}_{event}"))
+}
+
 /// The TEMP triggers that report each row inserted into or updated in `tables` (with their
 /// key) to [`WATCH_FUNCTION`].
 fn watch_triggers(tables: &[&TableSchema]) -> String {
@@ -168,11 +176,11 @@ fn watch_triggers(tables: &[&TableSchema]) -> String {
     for (i, table) in tables.iter().enumerate() {
         let (name, key) = (quote(&table.name), quote(&table.key));
         let literal = format!("'{}'", table.name.replace('\'', "''"));
-        for (event, suffix) in [("INSERT", "i"), ("UPDATE", "u")] {
+        for event in WATCHED_EVENTS {
             sql += &format!(
-                "CREATE TEMP TRIGGER {trigger} AFTER {event} ON main.{name} BEGIN \
+                "CREATE TEMP TRIGGER {} AFTER {event} ON main.{name} BEGIN \
                  SELECT {WATCH_FUNCTION}({literal}, NEW.{key}); END;\n",
-                trigger = quote(&format!("_shardlite_watch_{i}{suffix}")),
+                watch_trigger(i, event),
             );
         }
     }
@@ -183,11 +191,8 @@ fn watch_triggers(tables: &[&TableSchema]) -> String {
 fn unwatch_triggers(tables: &[&TableSchema]) -> String {
     let mut sql = String::new();
     for i in 0..tables.len() {
-        for suffix in ["i", "u"] {
-            sql += &format!(
-                "DROP TRIGGER IF EXISTS temp.{};\n",
-                quote(&format!("_shardlite_watch_{i}{suffix}"))
-            );
+        for event in WATCHED_EVENTS {
+            sql += &format!("DROP TRIGGER IF EXISTS temp.{};\n", watch_trigger(i, event));
         }
     }
     sql
@@ -271,11 +276,12 @@ fn check(
     Ok(())
 }
 
-/// Collects what the hook reports while alive; stops when dropped, errors and panics included.
-struct Scope;
+/// Collects what the hook and the watch triggers report while alive; stops when dropped,
+/// errors and panics included. (Not `guard::Scope`, the authorizer's mode.)
+struct Watching;
 
-impl Scope {
-    fn enter(schema: Arc<Schema>) -> Scope {
+impl Watching {
+    fn start(schema: Arc<Schema>) -> Watching {
         WATCH.with(|w| {
             *w.borrow_mut() = Some(Watch {
                 schema,
@@ -283,11 +289,11 @@ impl Scope {
                 keyed: Vec::new(),
             });
         });
-        Scope
+        Watching
     }
 }
 
-impl Drop for Scope {
+impl Drop for Watching {
     fn drop(&mut self) {
         WATCH.with(|t| {
             if let Ok(mut t) = t.try_borrow_mut() {
