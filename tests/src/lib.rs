@@ -162,6 +162,11 @@ impl InProcessNode {
         }
     }
 
+    /// The port it listens on (to start something else there once it is stopped).
+    pub fn port(&self) -> u16 {
+        port_of(&self.url)
+    }
+
     /// Stops serving and waits for the server to finish.
     pub async fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -353,8 +358,13 @@ impl Spawned {
 
     /// The port it listens on.
     pub fn port(&self) -> u16 {
-        self.url.rsplit(':').next().unwrap().parse().unwrap()
+        port_of(&self.url)
     }
+}
+
+/// The port of an `http://127.0.0.1:PORT` server URL.
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':').next().unwrap().parse().unwrap()
 }
 
 impl Drop for Spawned {

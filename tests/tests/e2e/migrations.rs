@@ -122,13 +122,7 @@ async fn a_changed_migration_is_refused_and_nothing_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_was_down_catches_up_on_the_next_migrate() {
     let mut cluster = TestCluster::start(3).await;
-    let port = cluster.nodes[1]
-        .url
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse::<u16>()
-        .unwrap();
+    let port = cluster.nodes[1].port();
     cluster.nodes[1].stop().await;
 
     let set = with(&[(

@@ -476,7 +476,7 @@ async fn a_joining_node_without_the_schema_fails_the_job_with_what_to_run() {
     preload_users(&client, "behind", 300).await;
     cluster.add_node("n4").await;
     let n4 = cluster.nodes.iter_mut().find(|n| n.id == "n4").unwrap();
-    let port: u16 = n4.url.rsplit(':').next().unwrap().parse().unwrap();
+    let port = n4.port();
     n4.stop().await;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
