@@ -18,7 +18,8 @@ pub enum Synchronous {
 }
 
 impl Synchronous {
-    pub(crate) fn pragma_value(self) -> &'static str {
+    /// The value `PRAGMA synchronous = ...` takes for this level.
+    pub fn pragma_value(self) -> &'static str {
         match self {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
