@@ -5,7 +5,8 @@
 //! - in-process ([`TestCluster::start`]): the proxy and nodes run as tasks of the test's tokio
 //!   runtime; fast, and what most scenarios use.
 //! - as real `shardlite` processes ([`Spawned`]): for fault tests that `kill -9` a server.
-//!   [`shardlite_bin`] builds the binary once per test run.
+//!   [`shardlite_bin`] builds the binary once per test run. They die with the test process
+//!   even when it is killed ([`tied`]).
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -432,20 +433,22 @@ pub fn ring_of(cluster: &Value) -> shardlite_ring::Ring {
 }
 
 pub mod history;
+pub mod tied;
 
 impl Spawned {
     /// Like [`Spawned::start`], with extra environment variables for the process (say
     /// `RUST_LOG=error`, for a test that makes a node fail on purpose thousands of times).
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Spawned {
-        let mut child = Command::new(shardlite_bin())
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("shardlite starts");
+        let mut child = tied::spawn_tied(shardlite_bin(), |command| {
+            command
+                .args(args)
+                .env("RUST_LOG", "warn")
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+        })
+        .expect("shardlite starts");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let url = loop {

@@ -358,14 +358,15 @@ fn start_dev(
         listen,
     ];
     use std::io::BufRead;
-    let mut child = Command::new(shardlite_bin())
-        .arg("dev")
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = shardlite_tests::tied::spawn_tied(shardlite_bin(), |command| {
+        command
+            .arg("dev")
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped());
+    })
+    .unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let mut printed = String::new();
     for line in lines.by_ref() {
