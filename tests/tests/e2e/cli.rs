@@ -534,3 +534,66 @@ fn dev_without_a_schema_prints_how_to_make_one_and_that_works() {
     assert_eq!(status, 200, "{row}");
     assert_eq!(row["v"], body["v"], "{row}");
 }
+
+#[test]
+fn a_proxy_restarted_with_other_node_flags_keeps_its_members_and_says_so() {
+    use std::io::{BufRead, Read};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = spawn_nodes(dir.path(), 1, &[]);
+    // A new state file: the seed n1 becomes the one member.
+    drop(spawn_proxy(dir.path(), &nodes));
+
+    // The same state file with n1 as it is and a new n2: n2 is not added, and the log says so.
+    let state = dir.path().join("proxy.db");
+    let n1 = format!("n1={}", nodes[0].url);
+    let mut proxy = shardlite_tests::tied::spawn_tied(shardlite_bin(), |command| {
+        command
+            .args(["proxy", "--listen", "127.0.0.1:0", "--state"])
+            .arg(&state)
+            .args(["--node", &n1, "--node", "n2=http://127.0.0.1:9"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    })
+    .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(proxy.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = first
+        .split("listening on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .trim()
+        .to_owned();
+    let listed = shardlite_json(&["nodes", "list", "--proxy", &url, "--json"]);
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["n1"], "{listed}");
+
+    // The warning is logged before the address is printed, so it is in the log by now.
+    proxy.kill().unwrap();
+    proxy.wait().unwrap();
+    let mut log = String::new();
+    proxy
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("--node flags count only when the state file is new")
+            && log.contains("ignored=n2=http://127.0.0.1:9"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&format!("ignored={n1}")),
+        "n1 is held as given: {log}"
+    );
+}
