@@ -116,10 +116,10 @@ async fn require_secret(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if let Some(secret) = secret {
-        if !crate::auth::bearer_matches(request.headers(), &secret) {
-            return NodeError::Unauthorized.into_response();
-        }
+    if let Some(secret) = secret
+        && !crate::auth::bearer_matches(request.headers(), &secret)
+    {
+        return NodeError::Unauthorized.into_response();
     }
     next.run(request).await
 }

@@ -124,11 +124,9 @@ pub(crate) fn read(
             return Err(e);
         }
     };
-    if transaction {
-        if let Err(e) = conn.execute_batch("COMMIT") {
-            rollback(conn);
-            return Err(client_error(e, limits.timeout));
-        }
+    if transaction && let Err(e) = conn.execute_batch("COMMIT") {
+        rollback(conn);
+        return Err(client_error(e, limits.timeout));
     }
     Ok(results)
 }

@@ -703,10 +703,10 @@ impl Worker {
             return;
         };
         db::tidy(conn);
-        if db::carries_state(conn) || (alone && !self.opener.syncs_as_configured(conn)) {
-            if let Some(conn) = self.conn.take() {
-                close(conn);
-            }
+        if (db::carries_state(conn) || (alone && !self.opener.syncs_as_configured(conn)))
+            && let Some(conn) = self.conn.take()
+        {
+            close(conn);
         }
     }
 }

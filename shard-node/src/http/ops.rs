@@ -34,14 +34,14 @@ pub(super) async fn run(
     let mut reads = Vec::new();
     let mut others = Vec::new();
     for (i, op) in ops.into_iter().enumerate() {
-        if op.method == OpMethod::Get {
-            if let Some((table, key)) = row_path(&op.path) {
-                match super::row_key(&state, &table, &key) {
-                    Ok(read) => reads.push((i, read)),
-                    Err(e) => replies[i] = Some(reply_of(e.into_response()).await),
-                }
-                continue;
+        if op.method == OpMethod::Get
+            && let Some((table, key)) = row_path(&op.path)
+        {
+            match super::row_key(&state, &table, &key) {
+                Ok(read) => reads.push((i, read)),
+                Err(e) => replies[i] = Some(reply_of(e.into_response()).await),
             }
+            continue;
         }
         others.push((i, op));
     }
