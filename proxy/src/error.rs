@@ -63,6 +63,9 @@ pub enum ProxyError {
     /// The proxy's own state file failed.
     #[error("state file: {0}")]
     State(#[from] rusqlite::Error),
+    /// Another process serves the state file, or its lock file cannot be made.
+    #[error(transparent)]
+    StateLock(#[from] shardlite_node::lock::LockError),
 }
 
 pub type ProxyResult<T> = Result<T, ProxyError>;
@@ -95,13 +98,13 @@ impl ProxyError {
             ProxyError::ShardTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Node { status, .. } => *status,
             ProxyError::BadNodeAnswer { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::State(_) | ProxyError::StateLock(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// A copy for each request of a shared node exchange that failed as a whole. Every error
-    /// such an exchange can end in is copied as it is; the state-file error, which it cannot
-    /// end in, becomes a 500 with the same text.
+    /// such an exchange can end in is copied as it is; the state-file errors, which it cannot
+    /// end in, become a 500 with the same text.
     pub fn for_each_caller(&self) -> ProxyError {
         match self {
             ProxyError::BadRequest(m) => ProxyError::BadRequest(m.clone()),
@@ -137,10 +140,8 @@ impl ProxyError {
             },
             ProxyError::Overloaded(m) => ProxyError::Overloaded(m.clone()),
             ProxyError::NoNodes => ProxyError::NoNodes,
-            ProxyError::State(e) => ProxyError::State(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
-                Some(e.to_string()),
-            )),
+            ProxyError::State(e) => state_error(e.to_string()),
+            ProxyError::StateLock(e) => state_error(e.to_string()),
         }
     }
 
@@ -209,6 +210,14 @@ impl From<QueryRejection> for ProxyError {
     fn from(rejection: QueryRejection) -> Self {
         ProxyError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
     }
+}
+
+/// A state-file error with the text `message`, for a copy of an error that has no `Clone`.
+fn state_error(message: String) -> ProxyError {
+    ProxyError::State(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+        Some(message),
+    ))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
+use shardlite_node::lock::FileLock;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
@@ -95,6 +96,9 @@ pub(crate) struct Inner {
     /// The rebalance job as last recorded; read by status endpoints without touching the file.
     rebalance: ArcSwap<RebalanceStatus>,
     health: Health,
+    /// This process's lock on the state file (`shardlite_node::lock`): one proxy per state
+    /// file. Last, so it is released after the file has closed.
+    _lock: FileLock,
 }
 
 impl ProxyState {
@@ -112,6 +116,7 @@ impl ProxyState {
                 ))
             })?;
         }
+        let lock = shardlite_node::lock::lock(&config.state_path)?;
         let cluster = Cluster::open(&config.state_path, &config.seed_nodes, config.vnodes)?;
         let upstream = Upstream::new(config.upstream.clone());
         Ok(ProxyState(Arc::new(Inner {
@@ -122,6 +127,7 @@ impl ProxyState {
             jobs: JobSlot::default(),
             rebalance: ArcSwap::from_pointee(RebalanceStatus::idle()),
             health: Health::default(),
+            _lock: lock,
         })))
     }
 

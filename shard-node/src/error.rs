@@ -147,6 +147,9 @@ pub enum NodeError {
     GroupTransaction(Arc<rusqlite::Error>),
     #[error("cannot start the writer thread: {0}")]
     WriterThread(std::io::Error),
+    /// Another process serves the file, or its lock file cannot be made ([`crate::lock`]).
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     #[error("cannot sync the write-ahead log: {0}")]
     WalSync(std::io::Error),
     /// The writer thread is gone, so no write can be queued: the node is stopping.
@@ -201,6 +204,7 @@ impl NodeError {
             NodeError::WriterStopped => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::Open { .. }
             | NodeError::WriterThread(_)
+            | NodeError::Lock(_)
             | NodeError::WalSync(_)
             | NodeError::WriteAbandoned
             | NodeError::NotWal { .. }

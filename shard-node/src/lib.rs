@@ -99,6 +99,7 @@ mod guard;
 mod http;
 pub mod identity;
 pub mod key;
+pub mod lock;
 pub mod migrate;
 pub mod ops;
 pub mod rows;

@@ -68,6 +68,7 @@ impl NodeState {
     /// Opens (or creates) the database file: WAL, the readers, the migration ledger, the
     /// schema, and starts the writer thread. Blocking; call it before serving.
     pub fn open(config: NodeConfig) -> Result<NodeState, NodeError> {
+        let lock = crate::lock::lock(&config.db_path)?;
         let db = Db::open(&config)?;
         let writer = db.opener().open().map_err(|source| NodeError::Open {
             path: config.db_path.clone(),
@@ -88,7 +89,7 @@ impl NodeState {
         );
         let shared = Arc::new(Shared::new(fences, capturing));
         let checkpointer = Checkpointer::start(db.opener(), &writer, Arc::clone(&shared))?;
-        let writer = Writer::start(writer, db.opener().clone(), Arc::clone(&shared))?;
+        let writer = Writer::start(writer, db.opener().clone(), Arc::clone(&shared), lock)?;
         Ok(NodeState {
             inner: Arc::new(Inner {
                 config,

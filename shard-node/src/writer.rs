@@ -106,6 +106,7 @@ use crate::db::{self, Opener};
 use crate::error::NodeError;
 use crate::fence::{Check, FenceSet};
 use crate::guard::{Mode, Scope};
+use crate::lock::FileLock;
 
 /// Most client writes one group transaction carries.
 pub(crate) const MAX_GROUP_WRITES: usize = 256;
@@ -305,11 +306,12 @@ pub(crate) struct Writer {
 
 impl Writer {
     /// Starts the writer thread on `conn`, an open connection from `opener` (which reopens it
-    /// when it has to be replaced).
+    /// when it has to be replaced). The thread holds `lock` until it has closed the file.
     pub(crate) fn start(
         conn: Connection,
         opener: Opener,
         shared: Arc<Shared>,
+        lock: FileLock,
     ) -> Result<Writer, NodeError> {
         let (queue, jobs) = mpsc::channel(QUEUE_CAPACITY);
         let worker = Worker {
@@ -318,6 +320,7 @@ impl Writer {
             conn: Some(conn),
             opener,
             shared,
+            _lock: lock,
         };
         let thread = thread::Builder::new()
             .name("shardlite-writer".into())
@@ -489,6 +492,10 @@ struct Worker {
     conn: Option<Connection>,
     opener: Opener,
     shared: Arc<Shared>,
+    /// The node's lock on its file ([`crate::lock`]). Last, so it is released after the
+    /// connection above has closed, when the thread ends: the writer is the last to touch the
+    /// file (the readers and the checkpointer close before it joins).
+    _lock: FileLock,
 }
 
 /// How one pass over a group's requests ended.

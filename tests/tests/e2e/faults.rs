@@ -287,3 +287,91 @@ async fn swapped_node_addresses_are_refused_not_served() {
     let (_, body) = Client::new(&fresh[0].url).get("/v1/identity").await;
     assert_eq!(body["node"], "n2", "claimed by the proxy's first call");
 }
+
+/// Runs `shardlite ARGS...`, which should refuse to start: its exit code and stderr. Fails
+/// the test if it is still running after 10 s (it started serving instead).
+fn refused_start(args: &[&str]) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = shardlite_tests::tied::spawn_tied(shardlite_tests::shardlite_bin(), |c| {
+        c.args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("shardlite {args:?} started serving a file another process serves");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
+}
+
+/// A second node on a node's file, or a second proxy on a proxy's state file, stops at start
+/// and names the process that serves it; the first goes on serving. Once the first is killed
+/// (`kill -9`), a new one starts on the same file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = spawn_nodes(dir.path(), 1, &[]);
+    let mut proxy = spawn_proxy(dir.path(), &nodes);
+    let client = Client::new(&proxy.url);
+    migrate_sample(&client).await;
+    let db = dir.path().join("n1.db");
+    let state = dir.path().join("proxy.db");
+    let (db, state) = (db.to_str().unwrap(), state.to_str().unwrap());
+
+    let node_pid = nodes[0].child.id();
+    let (code, stderr) = refused_start(&["node", "--listen", "127.0.0.1:0", "--db", db]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot open the node database {db}: in use by another process (pid {node_pid}: \
+             shardlite node)"
+        )),
+        "{stderr}"
+    );
+    let proxy_pid = proxy.child.id();
+    let (code, stderr) = refused_start(&["proxy", "--listen", "127.0.0.1:0", "--state", state]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot open the state file {state}: in use by another process (pid {proxy_pid}: \
+             shardlite proxy)"
+        )),
+        "{stderr}"
+    );
+    let (status, body) = client
+        .put(
+            "/v1/tables/users/rows/alice",
+            json!({ "name": "still served" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // kill -9 leaves no lock behind: both start again on their files.
+    let port = nodes[0].port();
+    nodes[0].kill();
+    proxy.kill();
+    nodes[0] = Spawned::start(&["node", "--listen", &format!("127.0.0.1:{port}"), "--db", db]);
+    let proxy = spawn_proxy(dir.path(), &nodes);
+    let (status, body) = Client::new(&proxy.url)
+        .get("/v1/tables/users/rows/alice")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["name"], "still served");
+}
