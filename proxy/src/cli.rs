@@ -118,6 +118,10 @@ pub struct ProxyArgs {
     /// Most requests served at once (503 with Retry-After above it).
     #[arg(long, env = "SHARDLITE_MAX_IN_FLIGHT", default_value_t = 4_096)]
     pub max_in_flight: usize,
+    /// Threads that serve requests. 1 runs everything on one thread, with no hand-offs
+    /// between threads. Default: 1 on a machine with up to 2 cores, else one per core.
+    #[arg(long, env = "SHARDLITE_PROXY_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
     /// Clients of the data API must send `Authorization: Bearer <token>` (off when unset).
     #[arg(long, env = "SHARDLITE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -162,6 +166,53 @@ impl ProxyArgs {
             admin_token: self.admin_token.clone(),
         };
         config
+    }
+}
+
+/// The proxy's threads when `--threads` is not given, on a machine with `cores` cores.
+///
+/// With up to 2 cores, one: the proxy then shares the cores with its nodes or the clients (as
+/// in `shardlite dev`, or in the benchmark), and a multi-threaded runtime hands most requests
+/// from thread to thread (a wake-up each) for little work done in parallel. Measured in
+/// `examples/examples/bench.rs` on 2 cores (docs/bench.md), one thread took about 30% less of
+/// the proxy's CPU per request and served about 20% more PUTs. With more cores, one thread per
+/// core (tokio's default), so a proxy on a machine of its own uses it all.
+pub fn default_proxy_threads(cores: usize) -> usize {
+    if cores <= 2 { 1 } else { cores }
+}
+
+/// The async runtime for `command`: the proxy's on its [`ProxyArgs::threads`] (one thread: a
+/// current-thread runtime), every other command's on tokio's multi-threaded default.
+pub fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = match command {
+        Command::Proxy(args) => Some(args.runtime_threads()),
+        _ => None,
+    };
+    match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+}
+
+impl ProxyArgs {
+    /// `--threads`, or [`default_proxy_threads`] for this machine.
+    pub fn runtime_threads(&self) -> usize {
+        self.threads.map_or_else(
+            || {
+                default_proxy_threads(
+                    std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                )
+            },
+            usize::from,
+        )
     }
 }
 
@@ -362,6 +413,7 @@ async fn run_node(args: NodeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCod
 async fn run_proxy(args: ProxyArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let state = ProxyState::open(args.config())
         .with_context(|| format!("cannot open the state file {}", args.state.display()))?;
+    tracing::info!(threads = args.runtime_threads(), "proxy runtime");
     let ignored = state.cluster().differing_seeds(&args.nodes);
     if !ignored.is_empty() {
         tracing::warn!(
@@ -1202,6 +1254,40 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_proxy_runs_on_one_thread_on_small_machines_and_on_threads_asked_for() {
+        assert_eq!(default_proxy_threads(1), 1);
+        assert_eq!(default_proxy_threads(2), 1);
+        assert_eq!(default_proxy_threads(4), 4);
+        assert_eq!(default_proxy_threads(16), 16);
+
+        let flavor = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            runtime(&cli.command).unwrap().handle().runtime_flavor()
+        };
+        let proxy = ["shardlite", "proxy", "--state", "p.db", "--threads"];
+        assert_eq!(
+            flavor(&[&proxy[..], &["1"]].concat()),
+            tokio::runtime::RuntimeFlavor::CurrentThread
+        );
+        assert_eq!(
+            flavor(&[&proxy[..], &["3"]].concat()),
+            tokio::runtime::RuntimeFlavor::MultiThread
+        );
+        let cli = Cli::try_parse_from([&proxy[..], &["3"]].concat()).unwrap();
+        let Command::Proxy(args) = &cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.runtime_threads(), 3);
+        // Other commands keep tokio's multi-threaded default.
+        assert_eq!(
+            flavor(&["shardlite", "status"]),
+            tokio::runtime::RuntimeFlavor::MultiThread
+        );
+        let err = Cli::try_parse_from([&proxy[..], &["0"]].concat()).unwrap_err();
+        assert!(err.to_string().contains("1..=1024"), "{err}");
     }
 
     #[test]

@@ -597,3 +597,65 @@ fn a_proxy_restarted_with_other_node_flags_keeps_its_members_and_says_so() {
         "n1 is held as given: {log}"
     );
 }
+
+/// `--threads 1` runs the proxy on a current-thread runtime, more threads on a multi-threaded
+/// one (the default depends on the machine's cores): both serve rows, batches and SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_serves_on_one_thread_and_on_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = spawn_nodes(dir.path(), 2, &[]);
+    for threads in ["1", "3"] {
+        let state = dir.path().join(format!("proxy-{threads}.db"));
+        let mut args = vec![
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--state",
+            state.to_str().unwrap(),
+            "--threads",
+            threads,
+        ];
+        let seeds: Vec<String> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("n{}={}", i + 1, n.url))
+            .collect();
+        for seed in &seeds {
+            args.extend(["--node", seed]);
+        }
+        let proxy = Spawned::start(&args);
+        let client = Client::new(&proxy.url);
+        shardlite_tests::migrate_sample(&client).await;
+        let rows: Vec<Value> = (0..50)
+            .map(|i| json!({ "id": format!("t{threads}-{i}"), "name": threads }))
+            .collect();
+        let (status, body) = client
+            .post("/v1/tables/users/rows", json!({ "rows": rows }))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let key = format!("/v1/tables/users/rows/t{threads}-7");
+        let (status, body) = client.put(&key, json!({ "age": 7 })).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = client.get(&key).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (&body["name"], &body["age"]),
+            (&json!(threads), &json!(7)),
+            "{body}"
+        );
+        let (status, body) = client
+            .post(
+                "/v1/sql",
+                json!({ "sql": "SELECT count(*) FROM users WHERE name = ?", "params": [threads] }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let counted: i64 = body["results"][0]["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[0].as_i64().unwrap())
+            .sum();
+        assert_eq!(counted, 50, "{body}");
+    }
+}
