@@ -1959,10 +1959,14 @@ impl Report<'_> {
         let _ = writeln!(
             m,
             "- {} nodes and 1 proxy, each a separate `shardlite` process (`RUST_LOG=info`), on \
-             127.0.0.1; the nodes run with `--synchronous {}`; every node holds the same {} rows \
-             `k0..k{}` of `kv (id TEXT PRIMARY KEY, v TEXT)` with {}-byte values, so that any \
-             router finds every key.",
+             127.0.0.1; the proxy on its default `--threads` ({} on this machine); the nodes run \
+             with `--synchronous {}`; every node holds the same {} rows `k0..k{}` of \
+             `kv (id TEXT PRIMARY KEY, v TEXT)` with {}-byte values, so that any router finds \
+             every key.",
             a.nodes,
+            shardlite::cli::default_proxy_threads(
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            ),
             a.synchronous.name(),
             a.rows,
             a.rows - 1,
