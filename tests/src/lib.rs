@@ -418,6 +418,17 @@ pub async fn wait_for_rebalance(client: &Client, limit: Duration) -> Value {
     }
 }
 
+/// The sum of the first column of a keyless read's rows: the table's row count, for
+/// `SELECT count(*)`, which every shard answers with its own count.
+pub fn summed_counts(answer: &Value) -> i64 {
+    answer["results"][0]["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not a SQL answer: {answer}"))
+        .iter()
+        .map(|row| row[0].as_i64().unwrap())
+        .sum()
+}
+
 /// The ring a `GET /v1/cluster` answer describes (active and leaving nodes own data).
 pub fn ring_of(cluster: &Value) -> shardlite_ring::Ring {
     let members = cluster["nodes"]
@@ -510,7 +521,12 @@ pub async fn migrate_sample(client: &Client) {
 /// A `shardlite proxy` process on `dir/proxy.db`, listening on a free port, over `nodes`
 /// named n1, n2, ... in order (seeds only count while the state file is new).
 pub fn spawn_proxy(dir: &Path, nodes: &[Spawned]) -> Spawned {
-    let state = dir.join("proxy.db").display().to_string();
+    spawn_proxy_with(&dir.join("proxy.db"), nodes, &[])
+}
+
+/// [`spawn_proxy`] on the state file `state`, with `extra` flags.
+pub fn spawn_proxy_with(state: &Path, nodes: &[Spawned], extra: &[&str]) -> Spawned {
+    let state = state.display().to_string();
     let seeds: Vec<String> = nodes
         .iter()
         .enumerate()
@@ -520,6 +536,7 @@ pub fn spawn_proxy(dir: &Path, nodes: &[Spawned]) -> Spawned {
     for seed in &seeds {
         args.extend(["--node", seed]);
     }
+    args.extend_from_slice(extra);
     Spawned::start(&args)
 }
 

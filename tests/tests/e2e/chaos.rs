@@ -358,12 +358,7 @@ impl Chaos {
                 )
                 .await;
             assert_eq!(status, 200, "{body}");
-            let counted: u64 = body["results"][0]["rows"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|row| row[0].as_u64().unwrap())
-                .sum();
+            let counted = u64::try_from(shardlite_tests::summed_counts(&body)).unwrap();
             assert_eq!(
                 counted, *rows,
                 "round {round}: every row of {table} is there once"

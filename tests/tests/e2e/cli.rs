@@ -606,24 +606,7 @@ async fn the_proxy_serves_on_one_thread_and_on_several() {
     let nodes = spawn_nodes(dir.path(), 2, &[]);
     for threads in ["1", "3"] {
         let state = dir.path().join(format!("proxy-{threads}.db"));
-        let mut args = vec![
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--state",
-            state.to_str().unwrap(),
-            "--threads",
-            threads,
-        ];
-        let seeds: Vec<String> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| format!("n{}={}", i + 1, n.url))
-            .collect();
-        for seed in &seeds {
-            args.extend(["--node", seed]);
-        }
-        let proxy = Spawned::start(&args);
+        let proxy = shardlite_tests::spawn_proxy_with(&state, &nodes, &["--threads", threads]);
         let client = Client::new(&proxy.url);
         shardlite_tests::migrate_sample(&client).await;
         let rows: Vec<Value> = (0..50)
@@ -650,12 +633,6 @@ async fn the_proxy_serves_on_one_thread_and_on_several() {
             )
             .await;
         assert_eq!(status, 200, "{body}");
-        let counted: i64 = body["results"][0]["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r[0].as_i64().unwrap())
-            .sum();
-        assert_eq!(counted, 50, "{body}");
+        assert_eq!(shardlite_tests::summed_counts(&body), 50, "{body}");
     }
 }

@@ -335,26 +335,21 @@ async fn a_second_server_on_the_same_file_is_refused() {
     let state = dir.path().join("proxy.db");
     let (db, state) = (db.to_str().unwrap(), state.to_str().unwrap());
 
-    let node_pid = nodes[0].child.id();
-    let (code, stderr) = refused_start(&["node", "--listen", "127.0.0.1:0", "--db", db]);
-    assert_eq!(code, Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "cannot open the node database {db}: in use by another process (pid {node_pid}: \
-             shardlite node)"
-        )),
-        "{stderr}"
-    );
-    let proxy_pid = proxy.child.id();
-    let (code, stderr) = refused_start(&["proxy", "--listen", "127.0.0.1:0", "--state", state]);
-    assert_eq!(code, Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "cannot open the state file {state}: in use by another process (pid {proxy_pid}: \
-             shardlite proxy)"
-        )),
-        "{stderr}"
-    );
+    for (role, flag, file, what, holder) in [
+        ("node", "--db", db, "the node database", &nodes[0]),
+        ("proxy", "--state", state, "the state file", &proxy),
+    ] {
+        let (code, stderr) = refused_start(&[role, "--listen", "127.0.0.1:0", flag, file]);
+        assert_eq!(code, Some(1), "{stderr}");
+        let pid = holder.child.id();
+        assert!(
+            stderr.contains(&format!(
+                "cannot open {what} {file}: in use by another process (pid {pid}: shardlite \
+                 {role})"
+            )),
+            "{stderr}"
+        );
+    }
     let (status, body) = client
         .put(
             "/v1/tables/users/rows/alice",

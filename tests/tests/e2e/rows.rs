@@ -226,13 +226,7 @@ async fn a_batch_spans_shards_and_one_bad_row_refuses_it_all() {
     let (_, count) = c
         .post("/v1/sql", json!({ "sql": "SELECT count(*) FROM users" }))
         .await;
-    let total: i64 = count["results"][0]["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r[0].as_i64().unwrap())
-        .sum();
-    assert_eq!(total, 300);
+    assert_eq!(shardlite_tests::summed_counts(&count), 300, "{count}");
     for node in &cluster.nodes {
         assert!(
             !keys_in_file(&node.db, "users").is_empty(),
