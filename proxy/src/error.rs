@@ -63,6 +63,9 @@ pub enum ProxyError {
     /// The proxy's own state file failed.
     #[error("state file: {0}")]
     State(#[from] rusqlite::Error),
+    /// The proxy itself failed: a task of its own panicked (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Another process serves the state file, or its lock file cannot be made.
     #[error(transparent)]
     StateLock(#[from] shardlite_node::lock::LockError),
@@ -98,7 +101,9 @@ impl ProxyError {
             ProxyError::ShardTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Node { status, .. } => *status,
             ProxyError::BadNodeAnswer { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::State(_) | ProxyError::StateLock(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::State(_) | ProxyError::StateLock(_) | ProxyError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -140,6 +145,7 @@ impl ProxyError {
             },
             ProxyError::Overloaded(m) => ProxyError::Overloaded(m.clone()),
             ProxyError::NoNodes => ProxyError::NoNodes,
+            ProxyError::Internal(m) => ProxyError::Internal(m.clone()),
             ProxyError::State(e) => state_error(e.to_string()),
             ProxyError::StateLock(e) => state_error(e.to_string()),
         }
