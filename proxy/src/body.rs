@@ -61,15 +61,15 @@ pub fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProxyError> {
 
 /// `head`, the JSON texts joined by commas, then `tail`: rows forwarded as the text they came
 /// in, without a JSON tree built and serialized again.
-pub fn splice<'a>(head: &str, items: impl IntoIterator<Item = &'a str>, tail: &str) -> Bytes {
-    let mut body = head.to_owned();
+pub fn splice<I: AsRef<[u8]>>(head: &str, items: impl IntoIterator<Item = I>, tail: &str) -> Bytes {
+    let mut body = head.as_bytes().to_vec();
     for (i, item) in items.into_iter().enumerate() {
         if i > 0 {
-            body.push(',');
+            body.push(b',');
         }
-        body.push_str(item);
+        body.extend_from_slice(item.as_ref());
     }
-    body.push_str(tail);
+    body.extend_from_slice(tail.as_bytes());
     Bytes::from(body)
 }
 
@@ -84,7 +84,7 @@ mod tests {
             parsed,
             serde_json::json!({"rows": [{"id": "a"}, {"id": "b", "v": [1, 2]}]})
         );
-        assert_eq!(&super::splice("[", [], "]")[..], b"[]");
+        assert_eq!(&super::splice("[", [""; 0], "]")[..], b"[]");
     }
 
     #[test]
