@@ -88,22 +88,21 @@ pub fn lock(path: &Path) -> Result<FileLock, LockError> {
     Ok(FileLock { _file: file })
 }
 
-/// How this process describes itself in a lock file: `pid 1234: shardlite node`.
+/// How this process describes itself in a lock file: `pid 1234: shardlite node`. (From
+/// `args_os`: `args` panics on an argument that is not UTF-8.)
 fn holder() -> String {
-    let program = std::env::args_os()
-        .next()
-        .map(|p| {
-            Path::new(&p)
-                .file_name()
-                .map_or_else(|| p.clone(), |n| n.to_owned())
-                .to_string_lossy()
-                .into_owned()
-        })
-        .unwrap_or_default();
-    let subcommand = std::env::args().nth(1).unwrap_or_default();
-    format!("pid {}: {program} {subcommand}", std::process::id())
-        .trim_end()
-        .to_owned()
+    let mut args = std::env::args_os();
+    let program = args.next().unwrap_or_default();
+    let program = Path::new(&program).file_name().unwrap_or(&program);
+    let subcommand = args.next().unwrap_or_default();
+    format!(
+        "pid {}: {} {}",
+        std::process::id(),
+        program.to_string_lossy(),
+        subcommand.to_string_lossy()
+    )
+    .trim_end()
+    .to_owned()
 }
 
 #[cfg(test)]
