@@ -373,7 +373,8 @@ async fn a_migration_can_rebuild_a_table_without_rowid_and_keep_its_rows() {
     let cluster = TestCluster::start(3).await;
     let c = &cluster.client;
     let keys = shardlite_tests::preload_users(c, "kept", 300).await;
-    let (status, body) = migrate(c, &with(&[(3, "0003_users_without_rowid", USERS_REBUILT)])).await;
+    let rebuild = readme_rebuild_migration();
+    let (status, body) = migrate(c, &with(&[(3, "0003_users_without_rowid", &rebuild)])).await;
     assert_eq!(status, 200, "{body}");
     for node in &cluster.nodes {
         let sql = shardlite_tests::table_sql_in_file(&node.db, "users");
@@ -408,18 +409,13 @@ async fn a_migration_can_rebuild_a_table_without_rowid_and_keep_its_rows() {
     cluster.stop().await;
 }
 
-/// The migration of the README's "A table keyed by text moves faster declared `WITHOUT ROWID`".
-const USERS_REBUILT: &str = "\
-CREATE TABLE users_new (
-    id TEXT PRIMARY KEY,
-    name TEXT,
-    email TEXT,
-    age INTEGER,
-    profile TEXT
-) WITHOUT ROWID;
-INSERT INTO users_new (id, name, email, age, profile)
-    SELECT id, name, email, age, profile FROM users;
-DROP TABLE users;
-ALTER TABLE users_new RENAME TO users;
-CREATE INDEX users_email ON users (email);
-";
+/// The migration the README gives for rebuilding `users` `WITHOUT ROWID`: the ```sql block that
+/// starts with its file name, read from the README itself, so the test runs what users copy.
+fn readme_rebuild_migration() -> String {
+    let readme = std::fs::read_to_string(sample_migrations().join("../README.md")).unwrap();
+    let start = readme
+        .find("-- migrations/0003_users_without_rowid.sql")
+        .expect("the README gives the rebuild migration");
+    let block = &readme[start..];
+    block[..block.find("```").expect("the block ends")].to_owned()
+}

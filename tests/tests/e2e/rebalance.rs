@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use shardlite_tests::history::{self, Writers};
 use shardlite_tests::{
     Client, TestCluster, assert_verified, keys_in_file, preload_users, rebalance_and_wait, ring_of,
-    table_sql_in_file, transfer_leftovers,
+    sample_migrations, table_sql_in_file, transfer_leftovers,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -91,19 +91,19 @@ async fn adding_a_node_while_writing_loses_nothing_and_moves_only_to_it() {
     join_while_writing(TestCluster::start(3).await).await;
 }
 
-/// The sample `users` table declared `WITHOUT ROWID`, same columns and index. A node walks such
+/// The sample migration of `users`, with the table declared `WITHOUT ROWID`. A node walks such
 /// a table by key, not by rowid, to clean up after a move, and its capture triggers must see
 /// the deletes an `INSERT OR REPLACE` makes there; the join below runs through both.
-const USERS_WITHOUT_ROWID: &str = "\
-CREATE TABLE users (
-    id TEXT PRIMARY KEY,
-    name TEXT,
-    email TEXT,
-    age INTEGER,
-    profile TEXT
-) WITHOUT ROWID;
-CREATE INDEX users_email ON users (email);
-";
+fn users_without_rowid() -> String {
+    let sample = std::fs::read_to_string(sample_migrations().join("0001_users.sql")).unwrap();
+    // The first `);` closes `CREATE TABLE users (...)`.
+    let sql = sample.replacen(");", ") WITHOUT ROWID;", 1);
+    assert!(
+        sql.contains("CREATE TABLE users") && sql != sample,
+        "{sample}"
+    );
+    sql
+}
 
 /// The join of [`adding_a_node_while_writing_loses_nothing_and_moves_only_to_it`] on a
 /// `WITHOUT ROWID` table: the writers' keyed upserts, `INSERT OR REPLACE`s, statement lists and
@@ -117,7 +117,7 @@ async fn adding_a_node_to_a_without_rowid_table_while_writing_loses_nothing() {
         .post(
             "/v1/cluster/migrations",
             json!({ "migrations": [
-                { "version": 1, "name": "0001_users", "sql": USERS_WITHOUT_ROWID },
+                { "version": 1, "name": "0001_users", "sql": users_without_rowid() },
             ] }),
         )
         .await;
