@@ -92,10 +92,11 @@ pub(crate) fn install(conn: &Connection) -> rusqlite::Result<()> {
             return;
         }
         WATCH.with(|watch| {
-            // Only sharded tables' rows are kept: a write to a table of the node's own may
-            // be large, and has no key to check.
+            // Only rows that `check` can read back by rowid are kept: a write to a table of
+            // the node's own may be large and has no key to check, and a sharded table with
+            // no rowid alias is watched by the TEMP triggers instead.
             if let Some(watch) = watch.borrow_mut().as_mut()
-                && watch.schema.table(table).is_some()
+                && watch.schema.rowid_alias(table).is_some()
             {
                 watch.touched.push((table.to_owned(), rowid));
             }
@@ -240,22 +241,22 @@ fn check(
 ) -> Result<(), NodeError> {
     touched.sort_unstable();
     touched.dedup();
-    let mut table_sql: Option<(&str, Option<String>)> = None;
+    let mut table_sql: Option<(&str, String)> = None;
     for (table, rowid) in &touched {
         if table_sql.as_ref().is_none_or(|(name, _)| name != table) {
-            // One statement per table: its key by rowid (none if its columns shadow every name
-            // of the rowid; the hook only kept sharded tables).
-            let sql = match (schema.table(table), schema.rowid_alias(table)) {
-                (Some(t), Some(alias)) => Some(format!(
-                    "SELECT {} FROM {} WHERE {alias} = ?1",
-                    quote(&t.key),
-                    quote(&t.name)
-                )),
-                _ => None,
+            // One statement per table: its key by rowid (the hook kept only sharded tables
+            // with a rowid alias).
+            let (Some(t), Some(alias)) = (schema.table(table), schema.rowid_alias(table)) else {
+                continue;
             };
+            let sql = format!(
+                "SELECT {} FROM {} WHERE {alias} = ?1",
+                quote(&t.key),
+                quote(&t.name)
+            );
             table_sql = Some((table, sql));
         }
-        let Some((_, Some(sql))) = &table_sql else {
+        let Some((_, sql)) = &table_sql else {
             continue;
         };
         let mut stmt = conn.prepare_cached(sql)?;
