@@ -254,11 +254,16 @@ impl TestCluster {
     }
 }
 
+/// A read-only connection to a server's SQLite file, to look at it directly while the server
+/// runs (or after it stopped).
+pub fn open_read_only(db: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap_or_else(|e| panic!("opening {} read-only: {e}", db.display()))
+}
+
 /// Every key of `table` stored in a node's SQLite file, read directly from the file.
 pub fn keys_in_file(db: &Path, table: &str) -> Vec<String> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
+    let conn = open_read_only(db);
     let mut stmt = conn
         .prepare(&format!("SELECT CAST(id AS TEXT) FROM \"{table}\""))
         .unwrap();
@@ -271,9 +276,7 @@ pub fn keys_in_file(db: &Path, table: &str) -> Vec<String> {
 /// The `CREATE TABLE` text of `table` in a node's SQLite file, read directly from the file (to
 /// see, say, that it is `WITHOUT ROWID`).
 pub fn table_sql_in_file(db: &Path, table: &str) -> String {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
+    let conn = open_read_only(db);
     conn.query_row(
         "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
         [table],
@@ -300,9 +303,7 @@ pub async fn assert_refused_as_stray(client: &Client, key: &str, sql: &str) {
 /// What a rebalance may leave on a node and must not: (capture triggers and change log, fences),
 /// read directly from the node's file. Both are 0 once a job is done or stopped.
 pub fn transfer_leftovers(db: &Path) -> (i64, i64) {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
+    let conn = open_read_only(db);
     conn.query_row(
         "SELECT (SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_capture%' \
          OR name = '_shardlite_changes'), (SELECT count(*) FROM _shardlite_fences)",

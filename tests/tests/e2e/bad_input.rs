@@ -31,11 +31,7 @@ async fn snapshot(cluster: &TestCluster) -> Vec<String> {
         seen.extend(rows);
     }
     for node in &cluster.nodes {
-        let conn = rusqlite::Connection::open_with_flags(
-            &node.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
+        let conn = shardlite_tests::open_read_only(&node.db);
         let mut stmt = conn
             .prepare("SELECT type, name, sql FROM sqlite_schema ORDER BY name")
             .unwrap();

@@ -21,9 +21,7 @@ fn with(extra: &[(i64, &str, &str)]) -> Vec<Migration> {
 
 /// (version, checksum) rows of a node file's ledger.
 fn ledger(db: &Path) -> Vec<(i64, String)> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
+    let conn = shardlite_tests::open_read_only(db);
     let mut stmt = conn
         .prepare("SELECT version, checksum FROM _shardlite_migrations ORDER BY version")
         .unwrap();
@@ -34,9 +32,7 @@ fn ledger(db: &Path) -> Vec<(i64, String)> {
 }
 
 fn has_object(db: &Path, name: &str) -> bool {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
+    let conn = shardlite_tests::open_read_only(db);
     conn.query_row(
         "SELECT count(*) FROM sqlite_schema WHERE name = ?1",
         [name],
@@ -349,11 +345,7 @@ async fn a_proxy_killed_mid_migration_finishes_it_after_a_restart() {
             "{}",
             node.id
         );
-        let conn = rusqlite::Connection::open_with_flags(
-            &node.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
+        let conn = shardlite_tests::open_read_only(&node.db);
         let count: i64 = conn
             .query_row("SELECT count(*) FROM big", [], |r| r.get(0))
             .unwrap();
