@@ -598,15 +598,33 @@ fn a_proxy_restarted_with_other_node_flags_keeps_its_members_and_says_so() {
     );
 }
 
+/// The tokio worker threads of process `pid` (tokio names them `tokio-rt-worker`).
+fn runtime_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|task| {
+            let comm = task.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|name| name.trim() == "tokio-rt-worker")
+        })
+        .count()
+}
+
 /// `--threads 1` runs the proxy on a current-thread runtime, more threads on a multi-threaded
 /// one (the default depends on the machine's cores): both serve rows, batches and SQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_serves_on_one_thread_and_on_several() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = spawn_nodes(dir.path(), 2, &[]);
-    for threads in ["1", "3"] {
+    for (threads, workers) in [("1", 0), ("3", 3)] {
         let state = dir.path().join(format!("proxy-{threads}.db"));
         let proxy = shardlite_tests::spawn_proxy_with(&state, &nodes, &["--threads", threads]);
+        // The runtime really is the one asked for: a current-thread runtime runs on the main
+        // thread, a multi-threaded one on its named workers.
+        assert_eq!(
+            runtime_workers(proxy.child.id()),
+            workers,
+            "--threads {threads}"
+        );
         let client = Client::new(&proxy.url);
         shardlite_tests::migrate_sample(&client).await;
         let rows: Vec<Value> = (0..50)
